@@ -1,0 +1,1 @@
+"""Offline side of vllm-doc2atom: model preparation, atomization, training and compilation (CLI `doc2atom`)."""

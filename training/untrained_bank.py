@@ -1,0 +1,68 @@
+"""Banks with real atoms and keys but UNTRAINED (random) micro-LoRA factors.
+
+They exercise the runtime core (bank format, routing, composition, PEFT/vLLM loading) before a
+trained compiler exists, and serve as fixtures in tests. Sentences stand in for atoms here; the
+rule-based atomizer replaces them in the data pipeline.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from vllm_doc2atom.bank import AtomBank, AtomRecord, BankSpec, DocumentAtoms, Target
+from vllm_doc2atom.encoders import QueryEncoder
+from vllm_doc2atom.fingerprint import BaseModelFingerprint
+
+# A sentence ends at . ! ? followed by whitespace (so "3.2 meters" stays whole) or at a line break.
+# A sentence ends at . ! ? followed by whitespace (so "3.2 meters" stays whole) or at a line break;
+# a period after a title abbreviation ("Dr. Okafor") does not end it.
+_SENTENCE = re.compile(r"\S.*?(?:(?<!\bDr)(?<!\bMr)(?<!\bMs)(?<!\bMrs)(?<!\bSt)(?<!\bProf)[.!?](?=\s|$)|(?=\n)|$)",
+                       re.DOTALL)
+
+
+def sentence_atoms(document_id: str, text: str) -> list[AtomRecord]:
+    """One fact_claim atom per sentence (Markdown headings skipped), with its exact character span."""
+    atoms = []
+    for match in _SENTENCE.finditer(text):
+        start, end = match.span()
+        if match.group().startswith("#") or end - start < 3:
+            continue
+        atoms.append(AtomRecord(id=f"{document_id}#{len(atoms)}", document_id=document_id, type="fact_claim",
+                                text=text[start:end], span=(start, end), answer_bearing=True))
+    return atoms
+
+
+def default_spec(model_dir: str | Path, encoder: QueryEncoder, modules: Sequence[str] = ("down_proj",),
+                 last_layers: int = 4, micro_rank: int = 2, lora_scaling: float = 1.0) -> BankSpec:
+    """Adapt `modules` in the last `last_layers` layers of the model at model_dir."""
+    base = BaseModelFingerprint.from_model_dir(model_dir)
+    layers = range(base.num_layers - last_layers, base.num_layers)
+    return BankSpec(base_model=base, targets=[Target(m, layer) for layer in layers for m in modules],
+                    micro_rank=micro_rank, lora_scaling=lora_scaling, key_encoder=encoder.identity,
+                    key_dim=encoder.dim, checkpoint="untrained-random")
+
+
+def random_tensors(spec: BankSpec, keys: torch.Tensor, seed: int, scale: float = 0.02) -> dict[str, torch.Tensor]:
+    """Random factors and gates for len(keys) atoms, in the shard layout of `spec`."""
+    generator = torch.Generator().manual_seed(seed)
+    n = keys.shape[0]
+    tensors = {name: torch.randn(shape, generator=generator) * scale
+               for name, shape in spec.expected_shapes(n).items() if name[:2] in ("A.", "B.")}
+    tensors["gates"] = torch.rand((n, len(spec.targets)), generator=generator)
+    tensors["keys"] = keys.float()
+    return tensors
+
+
+def build_untrained_bank(path: str | Path, spec: BankSpec, documents: Mapping[str, str], encoder: QueryEncoder,
+                         seed: int = 0, overwrite: bool = True) -> AtomBank:
+    """Sentence atoms keyed by `encoder`, with random factors: a well-formed bank for the runtime core."""
+    docs = []
+    for n, (doc_id, text) in enumerate(sorted(documents.items())):
+        atoms = sentence_atoms(doc_id, text)
+        keys = torch.from_numpy(encoder.encode([a.text for a in atoms]))
+        docs.append(DocumentAtoms(doc_id, atoms, random_tensors(spec, keys, seed + n)))
+    return AtomBank.create(path, spec, docs, overwrite=overwrite)

