@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("faiss.loader", "sentence_transformers", "httpx"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     from vllm_doc2atom.errors import Doc2AtomError
 
     try:

@@ -1,0 +1,124 @@
+"""Routing: faiss stage 1 (exact and IVF), stage 2 hooks, thresholds, conflict groups, refusal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vllm_doc2atom.bank import AtomBank
+from vllm_doc2atom.errors import BankError
+from vllm_doc2atom.key_index import KeyIndex, KeyIndexConfig
+from vllm_doc2atom.router import Router, RouterConfig, RouterHead
+
+from .conftest import EXAMPLE_DOCS, make_document, make_spec
+
+
+@pytest.fixture(scope="module")
+def docs_bank(tmp_path_factory, tiny_model_dir, encoder) -> AtomBank:
+    from training.untrained_bank import build_untrained_bank, default_spec
+
+    documents = {p.stem: p.read_text() for p in EXAMPLE_DOCS.glob("*.md")}
+    spec = default_spec(tiny_model_dir, encoder, last_layers=2)
+    return build_untrained_bank(tmp_path_factory.mktemp("banks") / "docs", spec, documents, encoder)
+
+
+def test_exact_and_ivf_index_find_the_key_itself():
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((4000, 32)).astype(np.float32)
+    exact = KeyIndex(keys)
+    ivf = KeyIndex(keys, KeyIndexConfig(exact_max=1000, nprobe=8))
+    assert exact.exact and not ivf.exact
+    queries = keys[:200] + 0.05 * rng.standard_normal((200, 32)).astype(np.float32)
+    for index in (exact, ivf):
+        sims, ids = index.search(queries, 5)
+        assert ids.shape == (200, 5)
+        assert np.mean(ids[:, 0] == np.arange(200)) > 0.9
+        assert np.all(np.diff(sims, axis=1) <= 1e-6)  # sorted, best first
+    assert np.all(exact.search(queries, 5)[1][:, 0] == np.arange(200))
+
+
+def test_in_scope_questions_route_to_their_atom_and_off_topic_is_refused(docs_bank, encoder):
+    router = Router(encoder)
+    cases = {
+        "How tall is the Amber Needle lighthouse?": "41 meters tall",
+        "Who wrote the Velmora Orchard Protocol?": "Irena Soltz",
+        "Which comet did astronomers at Brightwater discover?": "Saffi-Lund",
+    }
+    for question, answer in cases.items():
+        result = router.route(docs_bank, question)
+        assert not result.refused
+        # Untrained sentence keys find the answer's atom among the kept ones (a trained router ranks it first).
+        assert any(answer in r.atom.text for r in result.kept[:3]), (question, [r.atom.text for r in result.kept])
+        weights = [r.weight for r in result.kept]
+        assert weights == sorted(weights, reverse=True) and all(0.0 <= w <= 1.0 for w in weights)
+        assert all(r.weight >= router.config.threshold for r in result.kept)
+        assert len(result.candidates) <= router.config.top_k
+    for question in ["What is the best way to cook risotto?", "Who won the football world cup in 1998?"]:
+        result = router.route(docs_bank, question)
+        assert result.refused and result.selection == [] and result.candidates
+
+
+def test_threshold_top_k_and_max_atoms(docs_bank, encoder):
+    question = "Tell me about the Brightwater Observatory telescope."
+    loose = Router(encoder, RouterConfig(top_k=10, threshold=0.0)).route(docs_bank, question)
+    assert len(loose.kept) == 10
+    everything = Router(encoder, RouterConfig(top_k=100, threshold=0.0)).route(docs_bank, question)
+    assert len(everything.kept) == len(docs_bank) == 19
+    capped = Router(encoder, RouterConfig(top_k=10, threshold=0.0, max_atoms=3)).route(docs_bank, question)
+    assert [r.index for r in capped.kept] == [r.index for r in loose.kept[:3]]
+    strict = Router(encoder, RouterConfig(top_k=10, threshold=0.9999)).route(docs_bank, question)
+    assert len(strict.kept) < len(loose.kept)
+
+
+def test_stage2_reranker_and_metadata_bias_reorder(docs_bank, encoder):
+    question = "How tall is the Amber Needle lighthouse?"
+    base = Router(encoder, RouterConfig(threshold=0.0)).route(docs_bank, question)
+    last = base.kept[-1]
+
+    def reranker(query, texts):
+        assert query == question
+        return np.array([10.0 if t == last.atom.text else -10.0 for t in texts])
+
+    reranked = Router(encoder, RouterConfig(threshold=0.0, stage2=True), reranker=reranker).route(docs_bank, question)
+    assert reranked.kept[0].index == last.index and reranked.kept[0].rerank_score == 10.0
+
+    # A type prior that vetoes fact_claims empties the result (all sentence atoms are fact_claims).
+    vetoed = Router(encoder, RouterConfig(stage2=True, head=RouterHead(type_bias={"fact_claim": -100.0})))
+    assert vetoed.route(docs_bank, question).refused
+    # Stage-2 terms are ignored while stage 2 is off.
+    assert not Router(encoder, RouterConfig(head=RouterHead(type_bias={"fact_claim": -100.0}))).route(
+        docs_bank, question).refused
+
+
+def test_conflict_group_keeps_only_the_strongest(tmp_path, tiny_model_dir):
+    spec = make_spec(tiny_model_dir, key_dim=4)
+    doc = make_document(spec, "d", 3)
+    doc.tensors["keys"] = np.array([[1, 0, 0, 0], [0.9, 0.1, 0, 0], [0.8, 0.2, 0, 0]], dtype=np.float32)
+    import torch
+
+    doc.tensors["keys"] = torch.from_numpy(doc.tensors["keys"])
+    doc.atoms[0].conflict_group = doc.atoms[1].conflict_group = "founding-year"
+    bank = AtomBank.create(tmp_path / "b", spec, [doc])
+
+    class FixedEncoder:
+        identity, dim = "test-encoder", 4
+
+        def encode(self, texts):
+            return np.tile(np.array([[1, 0, 0, 0]], np.float32), (len(texts), 1))
+
+    result = Router(FixedEncoder(), RouterConfig(threshold=0.0)).route(bank, "q")
+    assert [r.index for r in result.kept] == [0, 2]
+    assert {r.index for r in result.candidates} == {0, 1, 2}
+
+
+def test_key_space_mismatch_is_a_bank_error(bank, encoder):
+    with pytest.raises(BankError, match="keyed by 'test-encoder'") as err:
+        Router(encoder).route(bank, "anything")
+    assert err.value.kind == "mismatch"
+
+
+def test_index_is_cached_per_bank_content(docs_bank, encoder, spec):
+    router = Router(encoder)
+    assert router.index_for(docs_bank) is router.index_for(docs_bank)
+    reloaded = AtomBank.load(docs_bank.path)
+    assert router.index_for(reloaded) is router.index_for(docs_bank)  # same content, same fingerprint
