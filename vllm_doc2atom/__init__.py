@@ -6,21 +6,21 @@ sentence-transformers are imported lazily by the modules that need them.
 """
 
 import logging
+import sys
 
 __version__ = "0.1.0"
 
 logger = logging.getLogger(__name__)
-_registered = False
 
 
 def register() -> None:
-    """vLLM general-plugin hook: cheap and idempotent.
+    """vLLM general-plugin hook: teach `vllm serve` the `--plugin doc2atom` flag. Cheap and idempotent.
 
-    The serving hooks (`--plugin doc2atom`, request routing) are installed by the plugin layer;
-    until it is enabled this only records that the package was found.
+    Only the process that parses the command line needs the hook, and it has imported vLLM's
+    argument module by then; other processes (engine core, workers) skip it at no cost.
     """
-    global _registered
-    if _registered:
+    if "vllm.engine.arg_utils" not in sys.modules:
         return
-    _registered = True
-    logger.debug("doc2atom %s found by vLLM's plugin loader", __version__)
+    from .cli_args import install_parser_hook
+
+    install_parser_hook()

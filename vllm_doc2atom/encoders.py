@@ -61,3 +61,17 @@ class SentenceTransformerEncoder:
         vectors = self._model.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True,
                                      show_progress_bar=False).astype(np.float32)
         return vectors if self._projection is None else vectors @ self._projection
+
+
+_KNOWN_ENCODERS: dict[str, QueryEncoder] = {}
+
+
+def encoder_for(identity: str) -> QueryEncoder:
+    """The query encoder a bank's keys were made with (loaded once per process)."""
+    if identity not in _KNOWN_ENCODERS:
+        if identity != "sentence-transformers/all-MiniLM-L6-v2":
+            from .errors import BankError
+
+            raise BankError(f"this server cannot encode questions for keys of {identity!r}", kind="mismatch")
+        _KNOWN_ENCODERS[identity] = SentenceTransformerEncoder()
+    return _KNOWN_ENCODERS[identity]
