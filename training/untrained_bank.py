@@ -58,11 +58,11 @@ def random_tensors(spec: BankSpec, keys: torch.Tensor, seed: int, scale: float =
 
 
 def build_untrained_bank(path: str | Path, spec: BankSpec, documents: Mapping[str, str], encoder: QueryEncoder,
-                         seed: int = 0, overwrite: bool = True) -> AtomBank:
+                         seed: int = 0, scale: float = 0.02, overwrite: bool = True) -> AtomBank:
     """Sentence atoms keyed by `encoder`, with random factors: a well-formed bank for the runtime core."""
     docs = []
     for n, (doc_id, text) in enumerate(sorted(documents.items())):
         atoms = sentence_atoms(doc_id, text)
         keys = torch.from_numpy(encoder.encode([a.text for a in atoms]))
-        docs.append(DocumentAtoms(doc_id, atoms, random_tensors(spec, keys, seed + n)))
+        docs.append(DocumentAtoms(doc_id, atoms, random_tensors(spec, keys, seed + n, scale)))
     return AtomBank.create(path, spec, docs, overwrite=overwrite)

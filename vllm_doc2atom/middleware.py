@@ -112,6 +112,9 @@ class Doc2AtomMiddleware:
             return await self._forward(scope, receive, send, payload, provenance)
 
         used, dropped = fit_rank_budget(result.selection, bank.spec.micro_rank, rt.settings.max_lora_rank)
+        if not used:
+            raise RequestError(f"atoms of bank {bank_name!r} have rank {bank.spec.micro_rank}, above the server's "
+                               f"--max-lora-rank {rt.settings.max_lora_rank}", status=409, param="atom_bank")
         name, int_id = adapter_identity(bank.fingerprint, used)
         kept_rows = {row for row, _ in used}
         provenance["atoms"] = [r.provenance() for r in result.kept if r.index in kept_rows]
@@ -195,8 +198,18 @@ class Doc2AtomMiddleware:
             registry = AdapterRegistry(settings.adapter_dir, settings.adapter_cache_size, state.engine_client,
                                        state.openai_serving_models, remove_from_engine=not settings.shared_engine)
             self._runtime = _Runtime(settings, BankStore(settings.bank_root, served), registry, {})
+            _log_like_vllm()
             logger.info("doc2atom: serving banks under %s (adapters in %s)", settings.bank_root, settings.adapter_dir)
         return self._runtime
+
+
+def _log_like_vllm() -> None:
+    """Send this package's INFO lines to vLLM's log handlers (vLLM configures only its own logger)."""
+    package = logging.getLogger("vllm_doc2atom")
+    if not package.handlers and not logging.getLogger().handlers:
+        package.handlers = list(logging.getLogger("vllm").handlers)
+        package.setLevel(logging.INFO)
+        package.propagate = False
 
 
 def _metrics():
