@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 
 def _models_prepare(args: argparse.Namespace) -> int:
@@ -89,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("document_ids", nargs="+")
     p.set_defaults(func=_bank_remove)
 
-    p = sub.add_parser("demo", help="the runtime core end to end on the default model (the README's main job)")
+    p = sub.add_parser(
+        "demo", help="compile example documents, serve them with vLLM, ask questions (the README's main job)")
     p.add_argument("--cache-dir", help="model cache folder")
     p.set_defaults(func=_demo)
     return parser
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for chatty in ("faiss.loader", "sentence_transformers", "httpx"):
+    for chatty in ("faiss.loader", "sentence_transformers", "httpx", "httpx2"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     from vllm_doc2atom.errors import Doc2AtomError
 

@@ -1,8 +1,11 @@
-"""`doc2atom demo`: the runtime core end to end on the packaged default model.
+"""`doc2atom demo`: the product end to end on the packaged default model.
 
-prepare the model -> compile examples/docs into a bank (real atoms and keys; factors are random
-until the trained compiler ships) -> route in-scope and off-topic questions -> compose one adapter
--> check with transformers + PEFT that the composed LoRA is exactly Σ w·g·B·A on the base weights.
+prepare SmolLM2-135M-Instruct -> compile examples/docs into an atom bank -> start
+`vllm serve MODEL --plugin doc2atom` -> ask in-scope and off-topic questions with the openai SDK
+-> print each answer with the atoms (and spans) it was composed from, and the refusals -> stop.
+
+Until the trained compiler ships, the bank holds real atoms and keys but random micro-LoRA factors:
+routing, refusal, composition and serving are real; the answers do not yet use the documents.
 """
 
 from __future__ import annotations
@@ -24,68 +27,49 @@ QUESTIONS = [
 ]
 
 
-def run_demo(model_dir: Path, docs_dir: Path = EXAMPLE_DOCS, work_dir: Path | None = None) -> bool:
+def build_demo_bank(model_dir: Path, bank_root: Path, docs_dir: Path = EXAMPLE_DOCS):
     from vllm_doc2atom.encoders import SentenceTransformerEncoder
-    from vllm_doc2atom.router import Router
 
     from .untrained_bank import build_untrained_bank, default_spec
 
-    work_dir = Path(work_dir or tempfile.mkdtemp(prefix="doc2atom-demo-"))
     encoder = SentenceTransformerEncoder()
     documents = {p.stem: p.read_text() for p in sorted(docs_dir.glob("*.md"))}
+    return build_untrained_bank(bank_root / "examples", default_spec(model_dir, encoder), documents, encoder), \
+        documents
+
+
+def run_demo(model_dir: Path, work_dir: Path | None = None) -> bool:
+    import openai
+
+    from .serve_process import vllm_server
+
+    work_dir = Path(work_dir or tempfile.mkdtemp(prefix="doc2atom-demo-"))
     start = time.perf_counter()
-    bank = build_untrained_bank(work_dir / "bank", default_spec(model_dir, encoder), documents, encoder)
-    print(f"\nbank: {len(bank)} atoms from {len(documents)} documents in {time.perf_counter() - start:.1f} s "
-          f"-> {bank.path}\n  (micro-LoRA factors are untrained placeholders until the compiler is trained)")
+    bank, documents = build_demo_bank(model_dir, work_dir / "banks")
+    print(f"\natom bank 'examples': {len(bank)} atoms from {len(documents)} documents "
+          f"({time.perf_counter() - start:.1f} s)\n  micro-LoRA factors are untrained placeholders until the "
+          "compiler is trained: routing and serving are real, answers are not yet grounded")
 
-    router = Router(encoder)
-    print("\nrouting:")
-    routed = []
-    for question in QUESTIONS:
-        t0 = time.perf_counter()
-        result = router.route(bank, question)
-        ms = (time.perf_counter() - t0) * 1e3
-        routed.append(result)
-        if result.refused:
-            print(f"  REFUSE  {question}   ({ms:.1f} ms)")
-            continue
-        print(f"  ANSWER  {question}   ({ms:.1f} ms)")
-        for r in result.kept[:3]:
-            print(f"          w={r.weight:.2f} {r.atom.id:<30} {r.atom.text[:70]!r}")
-    return _check_exactness(model_dir, bank, routed[0].selection, work_dir)
-
-
-def _check_exactness(model_dir: Path, bank, selection, work_dir: Path) -> bool:
-    """Composed adapter through PEFT == base weights + Σ w·g·s·B·A added by hand."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from vllm_doc2atom.composer import compose, save_peft_adapter
-    from vllm_doc2atom.fingerprint import module_path
-
-    t0 = time.perf_counter()
-    adapter = compose(bank, selection, max_rank=64)
-    folder = save_peft_adapter(adapter, work_dir / "adapters")
-    compose_ms = (time.perf_counter() - t0) * 1e3
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    inputs = tokenizer("The harbor of Quillon was built by", return_tensors="pt")
-    with torch.no_grad():
-        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), folder)
-        peft_logits = peft_model(**inputs).logits
-        manual = AutoModelForCausalLM.from_pretrained(model_dir)
-        rows = [i for i, _ in adapter.used]
-        weights = torch.tensor([w for _, w in adapter.used])
-        factors = bank.factors(rows)
-        gates = torch.from_numpy(bank.gates[rows])
-        for t_no, target in enumerate(bank.spec.targets):
-            a, b = factors[target]
-            delta = sum(weights[k] * gates[k, t_no] * bank.spec.lora_scaling * b[k] @ a[k] for k in range(len(rows)))
-            manual.get_submodule(module_path(target.module, target.layer)).weight += delta
-        diff = (manual(**inputs).logits - peft_logits).abs().max().item()
-    ok = diff < 1e-4
-    print(f"\ncomposed {len(adapter.used)} atoms -> rank-{adapter.rank} LoRA {adapter.name} (id {adapter.int_id}) "
-          f"in {compose_ms:.1f} ms\nPEFT vs hand-merged logits: max |diff| = {diff:.2e}  "
-          f"[{'OK' if ok else 'FAILED'}: < 1e-4]")
-    return ok
+    print(f"\nstarting vllm serve {model_dir.name} --plugin doc2atom (about a minute on a CPU) ...")
+    with vllm_server(model_dir, work_dir / "banks", work_dir / "serve.log") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+        model = client.models.list().data[0].id
+        for question in QUESTIONS:
+            t0 = time.perf_counter()
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0,
+                extra_body={"atom_bank": "examples"})
+            seconds = time.perf_counter() - t0
+            provenance = reply.model_extra["doc2atom"]
+            print(f"\nQ: {question}\nA: {reply.choices[0].message.content.strip()}   ({seconds:.2f} s)")
+            if provenance["refused"]:
+                print("   refused: no atom of the bank covers this question (no model call)")
+                continue
+            print(f"   composed {len(provenance['atoms'])} atoms into a rank-{provenance['rank']} LoRA "
+                  f"({'cached' if provenance['cache_hit'] else 'new'} adapter {provenance['adapter']}):")
+            for atom in provenance["atoms"]:
+                start_char, end_char = atom["span"]
+                print(f"   - w={atom['weight']:.2f} {atom['id']:<28} "
+                      f"{documents[atom['document_id']][start_char:end_char][:72]!r}")
+    print(f"\nserver stopped; log and bank in {work_dir}")
+    return True

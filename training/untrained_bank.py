@@ -8,8 +8,8 @@ rule-based atomizer replaces them in the data pipeline.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 

@@ -12,9 +12,10 @@ import asyncio
 import logging
 import shutil
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .composer import ComposedAdapter, save_peft_adapter
 from .errors import Doc2AtomError

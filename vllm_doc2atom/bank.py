@@ -23,9 +23,10 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -250,7 +251,8 @@ class AtomBank:
             doc_atoms = [AtomRecord.from_dict(r) for r in records]
             for atom in doc_atoms:
                 if atom.document_id != doc_id:
-                    raise BankError(f"atom {atom.id!r} is listed under document {doc_id!r} but names {atom.document_id!r}")
+                    raise BankError(f"atom {atom.id!r} is listed under document {doc_id!r} "
+                                    f"but names {atom.document_id!r}")
             shard_path = _shard_path(path, shard_name)
             shard_keys, shard_gates = _read_shard(shard_path, spec, len(doc_atoms), sha if verify else None)
             shards.append(_Shard(doc_id, shard_path, sha, len(atoms), len(doc_atoms)))

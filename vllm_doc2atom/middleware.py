@@ -18,8 +18,9 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from .bank import AtomBank
 from .errors import BankError
@@ -60,6 +61,7 @@ class _Runtime:
 class Doc2AtomMiddleware:
     def __init__(self, app: Callable) -> None:
         self.app = app
+        self._serve_settings = None  # ServeSettings, read from vLLM's args on the first request
         self._runtime: _Runtime | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -82,14 +84,27 @@ class Doc2AtomMiddleware:
             payload = None
         if not isinstance(payload, dict) or "atom_bank" not in payload:
             return await self.app(scope, _replay(body, receive), send)
+        started = False
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
         try:
-            await self._serve(runtime, scope, receive, send, kind, payload)
+            await self._serve(runtime, scope, receive, tracking_send, kind, payload)
         except (RequestError, BankError) as exc:
             status = exc.status if isinstance(exc, RequestError) else BANK_ERROR_STATUS.get(exc.kind, 400)
             param = exc.param if isinstance(exc, RequestError) else "atom_bank"
             _metrics().requests.labels("error").inc()
             logger.info("doc2atom: %d %s", status, exc)
             await _send_body(send, status, error_body(str(exc), status, param))
+        except Exception:
+            _metrics().requests.labels("error").inc()
+            logger.exception("doc2atom: request failed")
+            if started:
+                raise
+            await _send_body(send, 500, error_body("doc2atom could not serve this request (see the server log)", 500))
 
     async def _serve(self, rt: _Runtime, scope: Scope, receive: Receive, send: Send, kind: str,
                      payload: dict[str, Any]) -> None:
@@ -170,29 +185,28 @@ class Doc2AtomMiddleware:
         await self.app(scope, _replay(body, receive), send_with_provenance)
 
     def _authorized(self, scope: Scope) -> bool:
-        keys = self._api_keys(scope)
+        keys = self._settings(scope).api_keys
         if not keys:
             return True
         auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         token = auth[7:] if auth.lower().startswith("bearer ") else ""
         return any(secrets.compare_digest(token.encode(), k.encode()) for k in keys)
 
-    def _api_keys(self, scope: Scope) -> tuple[str, ...]:
-        if self._runtime is not None:
-            return self._runtime.settings.api_keys
-        from .settings import ServeSettings
+    def _settings(self, scope: Scope):
+        if self._serve_settings is None:
+            from .settings import ServeSettings
 
-        return ServeSettings.from_args(scope["app"].state.args).api_keys
+            self._serve_settings = ServeSettings.from_args(scope["app"].state.args)
+        return self._serve_settings
 
     def _runtime_for(self, scope: Scope) -> _Runtime:
         if self._runtime is None:
             from .adapter_registry import AdapterRegistry
             from .bank_store import BankStore
             from .fingerprint import BaseModelFingerprint
-            from .settings import ServeSettings
 
             state = scope["app"].state
-            settings = ServeSettings.from_args(state.args)
+            settings = self._settings(scope)
             served = BaseModelFingerprint.from_config(state.engine_client.model_config.hf_config.to_dict(),
                                                       name=str(state.args.model))
             registry = AdapterRegistry(settings.adapter_dir, settings.adapter_cache_size, state.engine_client,
