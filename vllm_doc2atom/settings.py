@@ -11,7 +11,7 @@ from pathlib import Path
 DEFAULT_REFUSAL = "I can't answer that from the documents in this atom bank."
 
 
-def _default_adapter_dir() -> str:
+def default_adapter_dir() -> str:
     # tmpfs when there is one: adapters are small, written per new selection, and read back by the engine.
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
     return os.path.join(base, "doc2atom-adapters")
@@ -25,7 +25,7 @@ class ServeSettings:
     stage2: bool = False
     on_refusal: str = "refuse"  # "refuse": answer refusal_message without a model call; "base": base model answers
     refusal_message: str = DEFAULT_REFUSAL
-    adapter_dir: Path = Path(_default_adapter_dir())
+    adapter_dir: Path = Path(default_adapter_dir())
     adapter_cache_size: int = 64  # composed adapters kept registered when no request uses them
     max_lora_rank: int = 64
     api_keys: tuple[str, ...] = ()
