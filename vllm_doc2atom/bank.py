@@ -135,6 +135,7 @@ class AtomRecord:
     conflict_group: str | None = None  # atoms of one group contradict each other: route at most one
     confidence: float = 1.0
     relations: list[dict[str, str]] = field(default_factory=list)  # [{"type": ..., "target": atom id}]
+    retrieval_text: str = ""  # what the key encodes, when it differs from `text` (e.g. with the entity prefixed)
 
     def __post_init__(self) -> None:
         if not self.id:

@@ -1,0 +1,1 @@
+"""Training data: QA sources, question-to-atom labels, probes, splits, teacher targets."""
