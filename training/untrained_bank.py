@@ -1,39 +1,22 @@
 """Banks with real atoms and keys but UNTRAINED (random) micro-LoRA factors.
 
 They exercise the runtime core (bank format, routing, composition, PEFT/vLLM loading) before a
-trained compiler exists, and serve as fixtures in tests. Sentences stand in for atoms here; the
-rule-based atomizer replaces them in the data pipeline.
+trained compiler exists, and serve as fixtures in tests. The rule-based atomizer supplies the atoms,
+one per sentence.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from vllm_doc2atom.bank import AtomBank, AtomRecord, BankSpec, DocumentAtoms, Target
+from vllm_doc2atom.bank import AtomBank, BankSpec, DocumentAtoms, Target
 from vllm_doc2atom.encoders import QueryEncoder
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
 
-# A sentence ends at . ! ? followed by whitespace (so "3.2 meters" stays whole) or at a line break.
-# A sentence ends at . ! ? followed by whitespace (so "3.2 meters" stays whole) or at a line break;
-# a period after a title abbreviation ("Dr. Okafor") does not end it.
-_SENTENCE = re.compile(r"\S.*?(?:(?<!\bDr)(?<!\bMr)(?<!\bMs)(?<!\bMrs)(?<!\bSt)(?<!\bProf)[.!?](?=\s|$)|(?=\n)|$)",
-                       re.DOTALL)
-
-
-def sentence_atoms(document_id: str, text: str) -> list[AtomRecord]:
-    """One fact_claim atom per sentence (Markdown headings skipped), with its exact character span."""
-    atoms = []
-    for match in _SENTENCE.finditer(text):
-        start, end = match.span()
-        if match.group().startswith("#") or end - start < 3:
-            continue
-        atoms.append(AtomRecord(id=f"{document_id}#{len(atoms)}", document_id=document_id, type="fact_claim",
-                                text=text[start:end], span=(start, end), answer_bearing=True))
-    return atoms
+from .atomize.rules import RuleAtomizer, RuleAtomizerConfig
 
 
 def default_spec(model_dir: str | Path, encoder: QueryEncoder, modules: Sequence[str] = ("down_proj",),
@@ -60,9 +43,10 @@ def random_tensors(spec: BankSpec, keys: torch.Tensor, seed: int, scale: float =
 def build_untrained_bank(path: str | Path, spec: BankSpec, documents: Mapping[str, str], encoder: QueryEncoder,
                          seed: int = 0, scale: float = 0.02, overwrite: bool = True) -> AtomBank:
     """Sentence atoms keyed by `encoder`, with random factors: a well-formed bank for the runtime core."""
+    atomizer = RuleAtomizer(RuleAtomizerConfig(split_clauses=False))
     docs = []
     for n, (doc_id, text) in enumerate(sorted(documents.items())):
-        atoms = sentence_atoms(doc_id, text)
-        keys = torch.from_numpy(encoder.encode([a.text for a in atoms]))
+        atoms = atomizer(doc_id, text)
+        keys = torch.from_numpy(encoder.encode([a.retrieval_text for a in atoms]))
         docs.append(DocumentAtoms(doc_id, atoms, random_tensors(spec, keys, seed + n, scale)))
     return AtomBank.create(path, spec, docs, overwrite=overwrite)
