@@ -64,6 +64,29 @@ def _data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .trainer import TrainConfig, train
+
+    config = TrainConfig.from_file(args.config)
+    for override in args.set or []:
+        key, _, value = override.partition("=")
+        if not hasattr(config, key):
+            raise ValueError(f"--set {override}: unknown setting {key!r}")
+        setattr(config, key, type(getattr(config, key))(value) if getattr(config, key) is not None else value)
+    print(train(config, resume=args.resume))
+    return 0
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from .compile import compile_documents, read_documents
+
+    documents = read_documents(args.documents)
+    bank, stats = compile_documents(documents, args.checkpoint, args.out, model_dir=args.model,
+                                    overwrite=args.overwrite)
+    print(json.dumps({"bank": str(bank.path), **stats}, indent=2))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .models import prepare_model
@@ -125,6 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes-per-doc", type=int, default=1, help="off-topic probes per document")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_data_build)
+
+    p = sub.add_parser("train", help="train the memory compiler and router by multi-objective distillation",
+                       description="Train on a dataset built by `doc2atom data build --model ...`. The config file "
+                                   "(YAML or JSON) holds TrainConfig fields; see training/trainer.py for each one.")
+    p.add_argument("--config", required=True, help="YAML/JSON file of TrainConfig fields (data, model, out, ...)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting, e.g. --set steps=50")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("compile", help="compile documents into an atom bank with a trained checkpoint")
+    p.add_argument("documents", nargs="+", help=".txt/.md files (id = file name) or .jsonl of {id, text}")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder written by `doc2atom train`")
+    p.add_argument("--out", required=True, help="bank folder to write")
+    p.add_argument("--model", help="base model folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bank")
+    p.set_defaults(func=_compile)
 
     p = sub.add_parser(
         "demo", help="compile example documents, serve them with vLLM, ask questions (the README's main job)")

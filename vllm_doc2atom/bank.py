@@ -2,6 +2,7 @@
 
     BANK/
       manifest.json                  spec (base model, targets, rank, key encoder) + atom records per document
+      query_projection.safetensors   optional `projection` [d_text, key_dim] of a trained query encoder
       shards/<sha256[:16]>.safetensors   one document's stacked tensors, row i = the document's atom i:
                                        A.<layer>.<module>  [n, r, in]    micro-LoRA down factors
                                        B.<layer>.<module>  [n, out, r]   micro-LoRA up factors
@@ -42,6 +43,7 @@ FORMAT_NAME = "doc2atom-atom-bank"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
+QUERY_PROJECTION = "query_projection.safetensors"  # optional: maps the sentence encoder into the key space
 ATOM_TYPES = ("fact_claim", "entity_attribute", "event_relation", "process_step", "evidence_fragment")
 
 
@@ -73,6 +75,7 @@ class BankSpec:
     key_encoder: str = ""  # identity of the query encoder whose space the keys live in
     key_dim: int = 0
     checkpoint: str = ""  # identity of the compiler checkpoint that produced the factors
+    router_head: dict[str, Any] | None = None  # trained RouterHead fields; None = the server's default head
 
     def __post_init__(self) -> None:
         if self.micro_rank < 1:
@@ -105,6 +108,7 @@ class BankSpec:
                 key_encoder=str(data["key_encoder"]),
                 key_dim=int(data["key_dim"]),
                 checkpoint=str(data.get("checkpoint", "")),
+                router_head=data.get("router_head"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BankError(f"manifest spec is malformed: {type(exc).__name__}: {exc}") from exc
@@ -318,9 +322,16 @@ class AtomBank:
 
     # ---- writing -------------------------------------------------------------------------------
 
+    def query_projection(self) -> np.ndarray | None:
+        """The trained query projection stored with the bank, if any."""
+        from safetensors.numpy import load_file
+
+        file = self.path / QUERY_PROJECTION
+        return load_file(str(file))["projection"] if file.is_file() else None
+
     @classmethod
     def create(cls, path: str | os.PathLike, spec: BankSpec, documents: Iterable[DocumentAtoms],
-               overwrite: bool = False) -> AtomBank:
+               overwrite: bool = False, query_projection: np.ndarray | None = None) -> AtomBank:
         """Write a new bank atomically: everything goes into a temp dir that is renamed into place."""
         path = Path(path)
         if path.exists() and not overwrite:
@@ -329,6 +340,11 @@ class AtomBank:
         tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             (tmp / SHARDS_DIR).mkdir(parents=True)
+            if query_projection is not None:
+                from safetensors.numpy import save_file
+
+                save_file({"projection": np.ascontiguousarray(query_projection, dtype=np.float32)},
+                          str(tmp / QUERY_PROJECTION))
             entries = [_write_shard(tmp, spec, doc) for doc in documents]
             _check_unique_documents(entries)
             _write_manifest(tmp, spec, entries)

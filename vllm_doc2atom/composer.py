@@ -75,6 +75,16 @@ def adapter_identity(bank_fingerprint: str, used: Sequence[tuple[int, float]]) -
     return f"d2a-{digest[:24]}", int(digest[:12], 16) + 1
 
 
+def stack_factors(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_i scale_i · B_i A_i as one LoRA: a [..., k, r, in], b [..., k, out, r], scale [..., k]
+    -> A [..., k·r, in], B [..., out, k·r]. Differentiable; the trainer composes with it too."""
+    *batch, k, r, d_in = a.shape
+    d_out = b.shape[-2]
+    stacked_a = (scale[..., None, None] * a).reshape(*batch, k * r, d_in)
+    stacked_b = b.transpose(-3, -2).reshape(*batch, d_out, k * r)
+    return stacked_a, stacked_b
+
+
 def compose(bank: AtomBank, selection: Sequence[tuple[int, float]], max_rank: int | None = None) -> ComposedAdapter:
     """Compose routed atoms (bank row, router weight) into one PEFT LoRA of rank Σ r_i ≤ max_rank."""
     import torch
@@ -94,10 +104,10 @@ def compose(bank: AtomBank, selection: Sequence[tuple[int, float]], max_rank: in
     tensors: dict[str, torch.Tensor] = {}
     for t_no, target in enumerate(spec.targets):
         a, b = factors[target]  # [k, r, in], [k, out, r]
-        scale = (weights * gates[:, t_no] * spec.lora_scaling).view(-1, 1, 1)
         prefix = PEFT_PREFIX + module_path(target.module, target.layer)
-        tensors[f"{prefix}.lora_A.weight"] = (scale * a).reshape(rank, a.shape[-1]).contiguous()  # [R, in]
-        tensors[f"{prefix}.lora_B.weight"] = b.permute(1, 0, 2).reshape(b.shape[1], rank).contiguous()  # [out, R]
+        stacked_a, stacked_b = stack_factors(a, b, weights * gates[:, t_no] * spec.lora_scaling)
+        tensors[f"{prefix}.lora_A.weight"] = stacked_a.contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = stacked_b.contiguous()
 
     name, int_id = adapter_identity(bank.fingerprint, used)
     config = {

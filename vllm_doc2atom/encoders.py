@@ -45,21 +45,27 @@ class SentenceTransformerEncoder:
     projection matrix [model_dim, key_dim] learned by the trainer."""
 
     def __init__(self, model_path: str | os.PathLike | None = None, projection: np.ndarray | None = None,
-                 identity: str = MINILM_IDENTITY, device: str = "cpu") -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
-        from sentence_transformers import SentenceTransformer
+                 identity: str = MINILM_IDENTITY, device: str = "cpu", sentence_model=None) -> None:
+        if sentence_model is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
+            from sentence_transformers import SentenceTransformer
 
-        self._model = SentenceTransformer(str(model_path or packaged_minilm_path()), device=device)
-        self._projection = None if projection is None else np.asarray(projection, dtype=np.float32)
-        model_dim = self._model.get_embedding_dimension()
+            sentence_model = SentenceTransformer(str(model_path or packaged_minilm_path()), device=device)
+        self._model = sentence_model
+        self._projection: np.ndarray | None = None
         self.identity = identity
-        self.dim = model_dim
-        if self._projection is not None:
-            if self._projection.shape[0] != model_dim:
-                raise ValueError(f"projection expects {self._projection.shape[0]}-d inputs, encoder gives {model_dim}")
-            self.dim = self._projection.shape[1]
-            digest = hashlib.sha256(self._projection.tobytes()).hexdigest()[:12]
-            self.identity += f"+proj-{digest}"
+        self.dim = self._model.get_embedding_dimension()
+        if projection is not None:
+            self._set_projection(projection)
+
+    def _set_projection(self, projection: np.ndarray) -> None:
+        """Identity gets the projection's hash, so banks and servers agree on the exact key space."""
+        projection = np.ascontiguousarray(projection, dtype=np.float32)
+        if projection.shape[0] != self.dim:
+            raise ValueError(f"projection expects {projection.shape[0]}-d inputs, encoder gives {self.dim}")
+        self._projection = projection
+        self.dim = projection.shape[1]
+        self.identity += f"+proj-{hashlib.sha256(projection.tobytes()).hexdigest()[:12]}"
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         vectors = self._model.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True,
@@ -67,13 +73,31 @@ class SentenceTransformerEncoder:
         return vectors if self._projection is None else vectors @ self._projection
 
 
+    def with_projection(self, projection: np.ndarray) -> SentenceTransformerEncoder:
+        """The same sentence model (shared, not reloaded) followed by a projection."""
+        return SentenceTransformerEncoder(projection=projection, identity=self.identity.split("+proj-")[0],
+                                          sentence_model=self._model)
+
+
 _KNOWN_ENCODERS: dict[str, QueryEncoder] = {}
 
 
-def encoder_for(identity: str) -> QueryEncoder:
-    """The query encoder a bank's keys were made with (loaded once per process)."""
+def encoder_for(bank) -> QueryEncoder:
+    """The query encoder a bank's keys were made with: the packaged MiniLM, plus the bank's trained projection
+    when it has one (loaded once per process and identity)."""
+    identity = bank.spec.key_encoder
     if identity not in _KNOWN_ENCODERS:
-        if identity != MINILM_IDENTITY:
+        if identity.split("+proj-")[0] != MINILM_IDENTITY:
             raise BankError(f"this server cannot encode questions for keys of {identity!r}", kind="mismatch")
-        _KNOWN_ENCODERS[identity] = SentenceTransformerEncoder()
+        if MINILM_IDENTITY not in _KNOWN_ENCODERS:
+            _KNOWN_ENCODERS[MINILM_IDENTITY] = SentenceTransformerEncoder()
+        encoder = _KNOWN_ENCODERS[MINILM_IDENTITY]
+        if identity != MINILM_IDENTITY:
+            projection = bank.query_projection()
+            if projection is None:
+                raise BankError(f"bank {bank.path.name} is keyed by {identity!r} but has no query projection")
+            encoder = encoder.with_projection(projection)
+            if encoder.identity != identity:
+                raise BankError(f"bank {bank.path.name}: its query projection does not match {identity!r}")
+        _KNOWN_ENCODERS[identity] = encoder
     return _KNOWN_ENCODERS[identity]

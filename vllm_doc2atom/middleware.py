@@ -53,7 +53,7 @@ class _Runtime:
         identity = bank.spec.key_encoder
         if identity not in self.routers:
             s = self.settings
-            self.routers[identity] = Router(encoder_for(identity),
+            self.routers[identity] = Router(encoder_for(bank),
                                             RouterConfig(top_k=s.top_k, threshold=s.threshold, stage2=s.stage2))
         return self.routers[identity].route(bank, question)
 

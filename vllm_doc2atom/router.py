@@ -139,8 +139,9 @@ class Router:
         if cfg.stage2 and self.reranker is not None and hits:
             scores = self.reranker(query, [bank.atoms[r].text for r, _ in hits])
             rerank = [float(x) for x in scores]
+        head = RouterHead(**bank.spec.router_head) if bank.spec.router_head else cfg.head  # a trained bank's own
         candidates = [
-            RoutedAtom(r, bank.atoms[r], s, rr, cfg.head.weight(s, bank.atoms[r], rr, cfg.stage2))
+            RoutedAtom(r, bank.atoms[r], s, rr, head.weight(s, bank.atoms[r], rr, cfg.stage2))
             for (r, s), rr in zip(hits, rerank)
         ]
         candidates.sort(key=lambda c: c.weight, reverse=True)

@@ -1,0 +1,438 @@
+"""`doc2atom train`: multi-objective distillation of the memory compiler and the router.
+
+One readable loop. Each step samples answerable questions (with their documents' atoms) and probes:
+    atoms --compiler--> A, B, gates        questions, atom texts --projections--> cosine --head--> router weights
+    composition per question: gold atoms (curriculum start) or gold ∪ top-K routed, each scaled by its weight
+    student = frozen base model, last N layers run on cached hidden states with the composed LoRA
+and minimises the weighted sum of the named terms in losses.py, logging each one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from vllm_doc2atom.bank import Target
+from vllm_doc2atom.composer import stack_factors
+from vllm_doc2atom.fingerprint import BaseModelFingerprint
+
+from . import losses
+from .data.records import ANSWERABLE
+from .model import CompilerConfig, MemoryCompiler
+from .student import LoRAHooks, StudentExample, atom_features, encode_students, run_last_layers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LossWeights:
+    answer_ce: float = 1.0  # teacher's answer tokens
+    teacher_kl: float = 1.0  # teacher's top-k distribution
+    routing: float = 1.0  # BCE on gold/supporting vs distractor atoms (and every atom for probes)
+    suppression: float = 0.05  # composed-update size on probes
+    protection: float = 0.1  # KL to the base model on unrelated prompts
+    gate_l1: float = 0.01
+    consistency: float = 0.1  # gold alone vs gold + distractors
+    conflict: float = 0.1
+    confidence: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    data: str  # a dataset built by `doc2atom data build --model ...` (it has teacher targets)
+    model: str = "smollm2-135m-instruct"  # base model folder or packaged name (must be the teacher's)
+    out: str = "runs/doc2atom"
+    method: str = "doc2atom"  # "doc2atom" (routed atoms) or "d2l_atom" (all atoms of the document, no routing)
+    modules: list[str] = field(default_factory=lambda: ["down_proj"])  # adapted linears
+    adapted_layers: int = 4  # the last N layers get micro-LoRAs
+    micro_rank: int = 4
+    encoder_layer: int = 8  # base-model layer whose hidden states (pooled per atom) are the atom features
+    hidden: int = 512  # compiler width
+    basis: int = 64  # factor basis per target
+    steps: int = 300
+    batch_size: int = 8  # answerable questions per step (plus half as many probes)
+    lr: float = 1e-3
+    top_k: int = 4  # atoms composed per question once the curriculum has grown K
+    gold_only_fraction: float = 0.3  # curriculum: this first share of steps composes gold atoms only, no robustness
+    eval_every: int = 50
+    save_every: int = 100
+    max_train_questions: int | None = None
+    seed: int = 0
+    weights: LossWeights = field(default_factory=LossWeights)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+        data["weights"] = LossWeights(**data.get("weights", {}))
+        return cls(**data)
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AtomTable:
+    """Every atom of the used documents, as rows."""
+
+    ids: list[str]
+    document_rows: dict[str, list[int]]  # document id -> atom rows
+    features: torch.Tensor  # [N, F] base-model features
+    text_embeddings: torch.Tensor  # [N, D] sentence-encoder embeddings of retrieval texts
+    confidence: torch.Tensor  # [N]
+    groups: torch.Tensor  # [N] conflict-group index, -1 none
+
+
+@dataclass
+class QuestionItem:
+    id: str
+    document_id: str
+    kind: str
+    split: str
+    positives: list[int]  # atom rows: gold + supporting
+    gold: list[int]
+    embedding: torch.Tensor  # [D]
+    student: StudentExample | None  # answerable questions with teacher targets
+    prompt_hidden: torch.Tensor | None  # probes: hidden states of the prompt alone [t, H]
+
+
+def prepare(config: TrainConfig, model, tokenizer, encoder) -> tuple[AtomTable, list[QuestionItem]]:
+    """Load a built dataset and compute every frozen input once (features, embeddings, student states)."""
+    from .data.teacher import load_teacher_targets
+    from .student import student_prompt_ids
+
+    data = Path(config.data)
+    documents = {d["id"]: d for d in _jsonl(data / "documents.jsonl")}
+    atoms = list(_jsonl(data / "atoms.jsonl"))
+    questions = [q for q in _jsonl(data / "questions.jsonl") if q["split"] in ("train", "validation")]
+    if config.max_train_questions:
+        questions = questions[: config.max_train_questions]
+    used_docs = {q["document_id"] for q in questions}
+    atoms = [a for a in atoms if a["document_id"] in used_docs]
+    targets = load_teacher_targets(data / "teacher")
+
+    ids = [a["id"] for a in atoms]
+    row = {atom_id: i for i, atom_id in enumerate(ids)}
+    document_rows: dict[str, list[int]] = {}
+    for i, a in enumerate(atoms):
+        document_rows.setdefault(a["document_id"], []).append(i)
+    features = torch.zeros(len(atoms), model.config.hidden_size)
+    for doc_id, rows in tqdm(document_rows.items(), desc="atom features", unit="doc"):
+        spans = [tuple(atoms[r]["span"]) for r in rows]
+        features[rows] = atom_features(model, tokenizer, documents[doc_id]["text"], spans, config.encoder_layer)
+    group_names = sorted({a["conflict_group"] for a in atoms if a.get("conflict_group")})
+    table = AtomTable(
+        ids=ids, document_rows=document_rows, features=features,
+        text_embeddings=torch.from_numpy(encoder.encode([a.get("retrieval_text") or a["text"] for a in atoms])),
+        confidence=torch.tensor([float(a["confidence"]) for a in atoms]),
+        groups=torch.tensor([group_names.index(a["conflict_group"]) if a.get("conflict_group") else -1
+                             for a in atoms]))
+
+    start_layer = model.config.num_hidden_layers - config.adapted_layers
+    answerable = [q for q in questions if q["kind"] == ANSWERABLE and q["id"] in targets and q["labels"]["gold"]]
+    students = {s.question_id: s for s in tqdm(
+        encode_students(model, tokenizer, [(q["id"], q["question"]) for q in answerable], targets, start_layer),
+        desc="student states", total=len(answerable))} if answerable else {}
+    embeddings = torch.from_numpy(encoder.encode([q["question"] for q in questions]))
+    items = []
+    for q, embedding in zip(questions, embeddings):
+        if q["kind"] == ANSWERABLE and q["id"] not in students:
+            continue  # no teacher target or no gold atom: nothing to distil
+        prompt_hidden = None
+        if q["kind"] != ANSWERABLE:
+            with torch.no_grad():
+                ids_ = torch.tensor([student_prompt_ids(tokenizer, q["question"])])
+                prompt_hidden = model(input_ids=ids_, output_hidden_states=True).hidden_states[start_layer][0]
+        labels = q["labels"]
+        items.append(QuestionItem(
+            id=q["id"], document_id=q["document_id"], kind=q["kind"], split=q["split"],
+            positives=[row[a] for a in labels["gold"] + labels["supporting"] if a in row],
+            gold=[row[a] for a in labels["gold"] if a in row], embedding=embedding,
+            student=students.get(q["id"]), prompt_hidden=prompt_hidden))
+    return table, items
+
+
+# ---- one step -----------------------------------------------------------------------------------------------
+
+
+class Distiller:
+    """Holds the frozen base model (with LoRA hooks) and the trainable compiler; computes the losses."""
+
+    def __init__(self, config: TrainConfig, model, compiler: MemoryCompiler, table: AtomTable) -> None:
+        self.config, self.model, self.compiler, self.table = config, model, compiler, table
+        self.targets = compiler.config.target_list()
+        self.start_layer = model.config.num_hidden_layers - config.adapted_layers
+        self.hooks = LoRAHooks(model, self.targets)
+
+    def losses(self, answerable: list[QuestionItem], probes: list[QuestionItem], stage: int,
+               k: int) -> dict[str, torch.Tensor]:
+        cfg, table = self.config, self.table
+        questions = answerable + probes
+        rows = sorted({r for q in questions for r in table.document_rows[q.document_id]})
+        local = {r: i for i, r in enumerate(rows)}
+        a, b, gates = self.compiler(table.features[rows])
+        keys = self.compiler.keys(table.text_embeddings[rows])  # [n, K]
+        queries = self.compiler.queries(torch.stack([q.embedding for q in questions]))  # [q, K]
+        logits = self.compiler.head(queries @ keys.T)  # [q, n]: every atom of the batch is a candidate
+        weights = torch.sigmoid(logits)
+        labels = torch.zeros_like(logits)
+        for i, q in enumerate(questions):
+            labels[i, [local[r] for r in q.positives]] = 1.0
+        out: dict[str, torch.Tensor] = {}
+        if cfg.method == "doc2atom":
+            out["routing"] = losses.routing_bce(logits, labels, positive_weight=5.0)
+            out["conflict"] = sum((losses.conflict_exclusivity(weights[i], table.groups[rows])
+                                   for i in range(len(questions))), weights.new_zeros(()))
+        out["gate_l1"] = losses.gate_l1(gates)
+        out["confidence"] = losses.confidence_alignment(gates, table.confidence[rows])
+
+        selections = [self._select(q, weights[i], local, stage, k) for i, q in enumerate(answerable)]
+        student_logits = self._student_logits(answerable, selections, a, b, gates)
+        tokens = torch.cat([q.student.answer_tokens for q in answerable])
+        out["answer_ce"] = losses.answer_ce(student_logits, tokens)
+        out["teacher_kl"] = losses.teacher_kl(student_logits, torch.cat([q.student.topk_ids for q in answerable]),
+                                              torch.cat([q.student.topk_logprobs for q in answerable]))
+        if stage >= 1:
+            if cfg.method == "doc2atom":
+                gold_only = [[(local[r], weights[i, local[r]]) for r in q.gold] for i, q in enumerate(answerable)]
+                out["consistency"] = losses.symmetric_kl(
+                    self._student_logits(answerable, gold_only, a, b, gates), student_logits)
+            if probes:
+                sizes = sum(a[t].pow(2).sum((-1, -2)) * b[t].pow(2).sum((-1, -2)) * gates[:, j].pow(2)
+                            for j, t in enumerate(self.targets))  # [n]
+                offset = len(answerable)
+                out["suppression"] = torch.stack([
+                    losses.adapter_norm(weights[offset + i], sizes, torch.ones_like(sizes))
+                    for i in range(len(probes))]).mean()
+                out["protection"] = self._protection(probes, selections, a, b, gates)
+        return out
+
+    def _select(self, q: QuestionItem, weights: torch.Tensor, local: dict[int, int], stage: int,
+                k: int) -> list[tuple[int, torch.Tensor]]:
+        """(local atom row, scale) composed for one answerable question."""
+        own = [local[r] for r in self.table.document_rows[q.document_id]]
+        if self.config.method == "d2l_atom":
+            return [(i, weights.new_ones(())) for i in own]  # the whole document, as one monolithic adapter
+        gold = [local[r] for r in q.gold]
+        if stage == 0:
+            return [(i, weights.new_ones(())) for i in gold]
+        ranked = sorted(own, key=lambda i: -weights[i].item())[:k]
+        return [(i, weights[i]) for i in dict.fromkeys(gold + ranked)]
+
+    def _compose(self, selections, a, b, gates) -> dict[Target, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-sample LoRA factors, padded to the largest selection with zero scales."""
+        width = max(len(s) for s in selections)
+        factors = {}
+        for j, target in enumerate(self.targets):
+            rows = torch.tensor([[i for i, _ in s] + [0] * (width - len(s)) for s in selections])
+            zero = gates.new_zeros(())
+            scale = torch.stack([torch.stack([w for _, w in s] + [zero] * (width - len(s)))
+                                 for s in selections])  # [b, width]
+            scale = scale * gates[rows, j] * self.compiler.config.lora_scaling
+            factors[target] = stack_factors(a[target][rows], b[target][rows], scale)
+        return factors
+
+    def _run(self, hiddens: list[torch.Tensor], factors) -> torch.Tensor:
+        width = max(h.shape[0] for h in hiddens)
+        batch = torch.stack([torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[0])) for h in hiddens])
+        with self.hooks.active(factors):
+            return run_last_layers(self.model, batch, self.start_layer)
+
+    def _student_logits(self, answerable, selections, a, b, gates) -> torch.Tensor:
+        """Logits at every answer position of every question: [P, V]."""
+        hidden = self._run([q.student.hidden for q in answerable], self._compose(selections, a, b, gates))
+        picked = torch.cat([hidden[i, q.student.answer_positions] for i, q in enumerate(answerable)])
+        return self.model.lm_head(picked)
+
+    def _protection(self, probes, selections, a, b, gates) -> torch.Tensor:
+        """Adapters composed for some questions must not change the model on unrelated prompts (probes)."""
+        paired = [selections[i % len(selections)] for i in range(len(probes))]
+        hiddens = [p.prompt_hidden for p in probes]
+        tail = [slice(h.shape[0] - 8, h.shape[0]) for h in hiddens]  # the prompt's last positions
+        adapted = self._run(hiddens, self._compose(paired, a, b, gates))
+        with torch.no_grad():
+            base = self._run(hiddens, None)
+        pick = lambda h: self.model.lm_head(torch.cat([h[i, s] for i, s in enumerate(tail)]))  # noqa: E731
+        return losses.logits_kl(pick(base), pick(adapted))
+
+
+# ---- training loop ------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Train; returns the checkpoint folder (OUT/checkpoint)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_doc2atom.encoders import SentenceTransformerEncoder
+
+    from .models import PACKAGED_MODELS, prepare_model
+
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    model_dir = str(prepare_model(config.model)) if config.model in PACKAGED_MODELS else config.model
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
+    encoder = SentenceTransformerEncoder()
+    table, items = prepare(config, model, tokenizer, encoder)
+    train_answerable = [q for q in items if q.split == "train" and q.student is not None]
+    train_probes = [q for q in items if q.split == "train" and q.student is None]
+    validation = [q for q in items if q.split == "validation"]
+    if not train_answerable:
+        raise ValueError(f"{config.data}: no answerable training question with teacher targets and gold atoms")
+    logger.info("training on %d questions + %d probes (%d validation), %d atoms", len(train_answerable),
+                len(train_probes), len(validation), len(table.ids))
+
+    base = BaseModelFingerprint.from_model_dir(model_dir, name=Path(model_dir).name)
+    first = base.num_layers - config.adapted_layers
+    compiler_config = CompilerConfig(
+        base_model=base.to_dict(), targets=[Target(m, layer).key for layer in range(first, base.num_layers)
+                                            for m in config.modules],
+        feature_dim=model.config.hidden_size, text_dim=encoder.dim, key_dim=encoder.dim, hidden=config.hidden,
+        basis=config.basis, micro_rank=config.micro_rank)
+    compiler = MemoryCompiler(compiler_config)
+    optimizer = torch.optim.AdamW(compiler.parameters(), lr=config.lr)
+    step = 0
+    checkpoint = out / "checkpoint"
+    if resume and (checkpoint / "checkpoint.json").is_file():
+        step = load_training_state(checkpoint, compiler, optimizer)
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    distiller = Distiller(config, model, compiler, table)
+    metrics_path = out / "metrics.csv"
+    term_names = [f.name for f in fields(LossWeights)]
+    with open(metrics_path, "a", newline="") as metrics_file:
+        writer = csv.writer(metrics_file)
+        if metrics_file.tell() == 0:
+            writer.writerow(["step", "split", "stage", "k", "total", *term_names, "seconds"])
+        bar = tqdm(total=config.steps, initial=step, desc=f"train {config.method}", unit="step")
+        while step < config.steps:
+            start = time.perf_counter()
+            stage, k = curriculum(config, step)
+            answerable = rng.sample(train_answerable, min(config.batch_size, len(train_answerable)))
+            probes = rng.sample(train_probes, min(config.batch_size // 2, len(train_probes))) if stage else []
+            terms = distiller.losses(answerable, probes, stage, k)
+            total = sum(getattr(config.weights, name) * value for name, value in terms.items())
+            optimizer.zero_grad()
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(compiler.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            writer.writerow([step, "train", stage, k, f"{total.item():.5f}",
+                             *[f"{terms[n].item():.5f}" if n in terms else "" for n in term_names],
+                             f"{time.perf_counter() - start:.3f}"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{total.item():.3f}", ce=f"{terms['answer_ce'].item():.3f}", stage=stage)
+            if validation and (step % config.eval_every == 0 or step == config.steps):
+                writer.writerow([step, "validation", stage, k, "", *[
+                    f"{v:.5f}" if v is not None else "" for v in validate(distiller, validation, k).values()], ""])
+                metrics_file.flush()
+            if step % config.save_every == 0 or step == config.steps:
+                save_checkpoint(checkpoint, compiler, optimizer, step, config)
+        bar.close()
+    logger.info("checkpoint: %s (metrics: %s)", checkpoint, metrics_path)
+    return checkpoint
+
+
+def curriculum(config: TrainConfig, step: int) -> tuple[int, int]:
+    """(stage, K): gold atoms only first; then K grows from 2 to top_k and the robustness terms switch on."""
+    warm = int(config.gold_only_fraction * config.steps)
+    if step < warm:
+        return 0, 0
+    progress = (step - warm) / max(1, config.steps - warm)
+    return 1, min(config.top_k, 2 + int(progress * (config.top_k - 1)))
+
+
+@torch.no_grad()
+def validate(distiller: Distiller, items: list[QuestionItem], k: int) -> dict[str, float | None]:
+    """Validation values in the LossWeights column order: answer CE with routed atoms, routing BCE, and
+    refusal-free placeholders for terms that need a training batch."""
+    answerable = [q for q in items if q.student is not None][:32]
+    probes = [q for q in items if q.student is None][:16]
+    if not answerable:
+        return {f.name: None for f in fields(LossWeights)}
+    terms = distiller.losses(answerable, probes, stage=1, k=max(k, 2))
+    return {f.name: float(terms[f.name]) if f.name in terms else None for f in fields(LossWeights)}
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, compiler: MemoryCompiler, optimizer: torch.optim.Optimizer, step: int,
+                    config: TrainConfig) -> None:
+    """safetensors (weights, optimizer moments) + JSON (configs, step), swapped in atomically."""
+    tensors = {f"model.{name}": p.detach().contiguous() for name, p in compiler.state_dict().items()}
+    names = {id(p): name for name, p in compiler.named_parameters()}
+    optim_steps = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "exp_avg" in state:
+                tensors[f"optim.{names[id(p)]}.exp_avg"] = state["exp_avg"].contiguous()
+                tensors[f"optim.{names[id(p)]}.exp_avg_sq"] = state["exp_avg_sq"].contiguous()
+                optim_steps[names[id(p)]] = float(state["step"])
+    meta = {"format": "doc2atom-checkpoint", "format_version": 1, "step": step,
+            "compiler": compiler.config.to_dict(), "train": _jsonable(asdict(config)),
+            "encoder_layer": config.encoder_layer, "optimizer_steps": optim_steps}
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "compiler.safetensors"))
+    (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_compiler(path: str | Path) -> tuple[MemoryCompiler, dict[str, Any]]:
+    """A trained compiler and its checkpoint metadata."""
+    path = Path(path)
+    meta = json.loads((path / "checkpoint.json").read_text())
+    compiler = MemoryCompiler(CompilerConfig(**meta["compiler"]))
+    tensors = load_file(str(path / "compiler.safetensors"))
+    compiler.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    return compiler.eval(), meta
+
+
+def load_training_state(path: Path, compiler: MemoryCompiler, optimizer: torch.optim.Optimizer) -> int:
+    loaded, meta = load_compiler(path)
+    compiler.load_state_dict(loaded.state_dict())
+    tensors = load_file(str(path / "compiler.safetensors"))
+    for name, p in compiler.named_parameters():
+        if f"optim.{name}.exp_avg" in tensors:
+            optimizer.state[p] = {"step": torch.tensor(meta["optimizer_steps"][name]),
+                                  "exp_avg": tensors[f"optim.{name}.exp_avg"],
+                                  "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"]}
+    return int(meta["step"])
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _jsonl(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
