@@ -48,6 +48,15 @@ def test_example_documents_atomize_into_sentences_with_verified_spans():
         assert all(not text[a.span[0] : a.span[1]].startswith("#") for a in atoms)
 
 
+def test_chunk_atomizer_windows_cover_the_document():
+    from training.atomize.chunks import ChunkAtomizer
+
+    atoms = ChunkAtomizer(words=5)("c", TEXT)
+    assert len(atoms) == -(-len(TEXT.split()) // 5)
+    assert all(TEXT[a.span[0] : a.span[1]] == a.text for a in atoms)
+    assert " ".join(a.text for a in atoms).split() == TEXT.split()
+
+
 def test_labels_from_answer_offsets_text_and_evidence():
     atoms = RuleAtomizer()("curie", TEXT)
     start = TEXT.index("1898")

@@ -142,7 +142,7 @@ def test_train_cli_checkpoint_round_trip_and_resume(tmp_path, dataset, tiny_mode
 
     assert main(["train", "--config", str(config), "--set", "steps=6", "--resume"]) == 0
     rows = [line.split(",") for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
-    assert [int(r[0]) for r in rows if r[1] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert load_compiler(checkpoint)[1]["step"] == 6
     with pytest.raises(ValueError, match="unknown settings"):
         config.write_text(yaml.safe_dump({"data": "x", "stepz": 3}))
@@ -193,3 +193,17 @@ def test_compile_route_compose_and_peft_match_the_training_path(tmp_path, datase
     with torch.no_grad():
         peft_logits = PeftModel.from_pretrained(base, folder)(ids).logits
     assert (hooked - peft_logits).abs().max() < 1e-5
+
+
+def test_validation_reports_routing_and_answer_loss_with_and_without_atoms(setup):
+    import math
+
+    from training.trainer import VALIDATION_COLUMNS, validate
+
+    distiller, items = _distiller(setup)
+    everything = validate(distiller, items, k=100, threshold=0.0)
+    assert set(everything) == set(VALIDATION_COLUMNS)
+    assert everything["gold_recall"] == 1.0 and everything["false_refusals"] == everything["probe_refusals"] == 0
+    assert abs(everything["answer_ce_gold"] - everything["answer_ce_base"]) < 1e-2  # untrained: near no-op
+    nothing = validate(distiller, items, k=100, threshold=1.01)
+    assert nothing["false_refusals"] == nothing["probe_refusals"] == 1.0 and math.isnan(nothing["answer_ce_routed"])

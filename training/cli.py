@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="teacher base model: a folder or a packaged name; omit to skip teacher targets")
     p.add_argument("--teacher-backend", choices=["auto", "vllm", "transformers"], default="auto")
     p.add_argument("--top-k", type=int, default=16, help="teacher log-probabilities kept per answer token")
-    p.add_argument("--atomizer", choices=["rules", "llm"], default="rules")
+    p.add_argument("--atomizer", choices=["rules", "llm", "chunks"], default="rules",
+                   help="rules (default), llm (an OpenAI-compatible endpoint), chunks (raw windows: d2l_raw)")
     p.add_argument("--llm-base-url", default="http://127.0.0.1:8000/v1", help="OpenAI-compatible endpoint (llm)")
     p.add_argument("--llm-model", default="", help="model name at that endpoint (llm)")
     p.add_argument("--llm-api-key", default="none")

@@ -86,8 +86,10 @@ def student_prompt_ids(tokenizer, question: str) -> list[int]:
 def encode_students(model: nn.Module, tokenizer, questions: Sequence[tuple[str, str]], targets: dict,
                     start_layer: int) -> list[StudentExample]:
     """(question id, text) + teacher targets -> cached hidden states entering `start_layer`."""
+    from tqdm import tqdm
+
     examples = []
-    for qid, text in questions:
+    for qid, text in tqdm(questions, desc="student states", unit="q"):
         target = targets[qid]
         prompt = student_prompt_ids(tokenizer, text)
         answer = target["tokens"].long()

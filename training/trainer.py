@@ -147,9 +147,8 @@ def prepare(config: TrainConfig, model, tokenizer, encoder) -> tuple[AtomTable, 
 
     start_layer = model.config.num_hidden_layers - config.adapted_layers
     answerable = [q for q in questions if q["kind"] == ANSWERABLE and q["id"] in targets and q["labels"]["gold"]]
-    students = {s.question_id: s for s in tqdm(
-        encode_students(model, tokenizer, [(q["id"], q["question"]) for q in answerable], targets, start_layer),
-        desc="student states", total=len(answerable))} if answerable else {}
+    students = {s.question_id: s for s in encode_students(
+        model, tokenizer, [(q["id"], q["question"]) for q in answerable], targets, start_layer)}
     embeddings = torch.from_numpy(encoder.encode([q["question"] for q in questions]))
     items = []
     for q, embedding in zip(questions, embeddings):
@@ -217,6 +216,8 @@ class Distiller:
             if probes:
                 sizes = sum(a[t].pow(2).sum((-1, -2)) * b[t].pow(2).sum((-1, -2)) * gates[:, j].pow(2)
                             for j, t in enumerate(self.targets))  # [n]
+                # Relative to the batch's mean atom size: scale-free, so it cannot swamp the other terms.
+                sizes = sizes / sizes.detach().mean().clamp(min=1e-12)
                 offset = len(answerable)
                 out["suppression"] = torch.stack([
                     losses.adapter_norm(weights[offset + i], sizes, torch.ones_like(sizes))
@@ -321,7 +322,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     with open(metrics_path, "a", newline="") as metrics_file:
         writer = csv.writer(metrics_file)
         if metrics_file.tell() == 0:
-            writer.writerow(["step", "split", "stage", "k", "total", *term_names, "seconds"])
+            writer.writerow(["step", "stage", "k", "total", *term_names, "seconds"])
         bar = tqdm(total=config.steps, initial=step, desc=f"train {config.method}", unit="step")
         while step < config.steps:
             start = time.perf_counter()
@@ -335,14 +336,16 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             torch.nn.utils.clip_grad_norm_(compiler.parameters(), 1.0)
             optimizer.step()
             step += 1
-            writer.writerow([step, "train", stage, k, f"{total.item():.5f}",
+            writer.writerow([step, stage, k, f"{total.item():.5f}",
                              *[f"{terms[n].item():.5f}" if n in terms else "" for n in term_names],
                              f"{time.perf_counter() - start:.3f}"])
             bar.update(1)
             bar.set_postfix(loss=f"{total.item():.3f}", ce=f"{terms['answer_ce'].item():.3f}", stage=stage)
             if validation and (step % config.eval_every == 0 or step == config.steps):
-                writer.writerow([step, "validation", stage, k, "", *[
-                    f"{v:.5f}" if v is not None else "" for v in validate(distiller, validation, k).values()], ""])
+                values = validate(distiller, validation, max(k, 2))
+                _append_csv(out / "validation.csv", ["step", *VALIDATION_COLUMNS],
+                            [step, *[f"{values[c]:.5f}" for c in VALIDATION_COLUMNS]])
+                logger.info("step %d validation: %s", step, {c: round(values[c], 4) for c in VALIDATION_COLUMNS})
                 metrics_file.flush()
             if step % config.save_every == 0 or step == config.steps:
                 save_checkpoint(checkpoint, compiler, optimizer, step, config)
@@ -360,16 +363,49 @@ def curriculum(config: TrainConfig, step: int) -> tuple[int, int]:
     return 1, min(config.top_k, 2 + int(progress * (config.top_k - 1)))
 
 
+VALIDATION_COLUMNS = ["answer_ce_routed", "answer_ce_gold", "answer_ce_base", "gold_recall", "false_refusals",
+                      "probe_refusals"]
+
+
 @torch.no_grad()
-def validate(distiller: Distiller, items: list[QuestionItem], k: int) -> dict[str, float | None]:
-    """Validation values in the LossWeights column order: answer CE with routed atoms, routing BCE, and
-    refusal-free placeholders for terms that need a training batch."""
-    answerable = [q for q in items if q.student is not None][:32]
-    probes = [q for q in items if q.student is None][:16]
+def validate(distiller: Distiller, items: list[QuestionItem], k: int, threshold: float = 0.5) -> dict[str, float]:
+    """Inference-like check on held-out documents: route each question over its document's atoms (kept: weight
+    >= threshold, at most k), then answer CE with those atoms, with the gold atoms, and with no adapter."""
+    table, compiler = distiller.table, distiller.compiler
+    answerable = [q for q in items if q.student is not None][:64]
+    probes = [q for q in items if q.student is None][:64]
+    routed, recalled = [], 0
+    for q in answerable + probes:
+        own = table.document_rows[q.document_id]
+        keys = compiler.keys(table.text_embeddings[own])
+        weights = torch.sigmoid(compiler.head(compiler.queries(q.embedding[None]) @ keys.T))[0]
+        kept = [own[i] for i in weights.argsort(descending=True)[:k].tolist() if weights[i] >= threshold]
+        routed.append((q, kept, {r: weights[own.index(r)] for r in kept}))
+        recalled += q.student is not None and bool(set(q.gold) & set(kept))
+    out = {"gold_recall": recalled / max(1, len(answerable)),
+           "false_refusals": sum(not kept for q, kept, _ in routed if q.student is not None) / max(1, len(answerable)),
+           "probe_refusals": sum(not kept for q, kept, _ in routed if q.student is None) / max(1, len(probes))}
+    with_atoms = [(q, kept, w) for q, kept, w in routed if q.student is not None and kept]
     if not answerable:
-        return {f.name: None for f in fields(LossWeights)}
-    terms = distiller.losses(answerable, probes, stage=1, k=max(k, 2))
-    return {f.name: float(terms[f.name]) if f.name in terms else None for f in fields(LossWeights)}
+        return {**out, "answer_ce_routed": math.nan, "answer_ce_gold": math.nan, "answer_ce_base": math.nan}
+    rows = sorted({r for q in answerable for r in table.document_rows[q.document_id]})
+    local = {r: i for i, r in enumerate(rows)}
+    a, b, gates = compiler(table.features[rows])
+    tokens = torch.cat([q.student.answer_tokens for q in answerable])
+    one = gates.new_ones(())
+    gold = distiller._student_logits(answerable, [[(local[r], one) for r in q.gold] for q in answerable], a, b, gates)
+    hidden = distiller._run([q.student.hidden for q in answerable], None)
+    base = distiller.model.lm_head(torch.cat([hidden[i, q.student.answer_positions] for i, q in enumerate(answerable)]))
+    out["answer_ce_gold"] = float(losses.answer_ce(gold, tokens))
+    out["answer_ce_base"] = float(losses.answer_ce(base, tokens))
+    if with_atoms:
+        logits = distiller._student_logits([q for q, _, _ in with_atoms],
+                                           [[(local[r], w[r]) for r in kept] for _, kept, w in with_atoms], a, b, gates)
+        out["answer_ce_routed"] = float(losses.answer_ce(logits, torch.cat([q.student.answer_tokens
+                                                                            for q, _, _ in with_atoms])))
+    else:
+        out["answer_ce_routed"] = math.nan
+    return out
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
@@ -422,6 +458,15 @@ def load_training_state(path: Path, compiler: MemoryCompiler, optimizer: torch.o
                                   "exp_avg": tensors[f"optim.{name}.exp_avg"],
                                   "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"]}
     return int(meta["step"])
+
+
+def _append_csv(path: Path, header: list[str], row: list[Any]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(header)
+        writer.writerow(row)
 
 
 def _jsonable(value: Any) -> Any:

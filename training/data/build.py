@@ -37,7 +37,7 @@ class BuildConfig:
     out: Path
     limit: int | None = None  # at most this many documents
     synthetic_documents: int = 200  # corpus size when source is "synthetic"
-    atomizer: str = "rules"  # "rules" or "llm"
+    atomizer: str = "rules"  # "rules", "llm", or "chunks" (fixed-size raw windows: the d2l_raw baseline)
     llm_base_url: str = "http://127.0.0.1:8000/v1"
     llm_model: str = ""
     llm_api_key: str = "none"
@@ -68,8 +68,12 @@ def atomize(corpus: Corpus, config: BuildConfig) -> dict[str, list[AtomRecord]]:
                                             api_key=config.llm_api_key, cache_dir=config.out / "llm-cache"),
                           fallback=rules)
         return llm.atomize(texts)
-    if config.atomizer != "rules":
-        raise ValueError(f"unknown atomizer {config.atomizer!r} (rules or llm)")
+    if config.atomizer == "chunks":
+        from ..atomize.chunks import ChunkAtomizer
+
+        rules = ChunkAtomizer()
+    elif config.atomizer != "rules":
+        raise ValueError(f"unknown atomizer {config.atomizer!r} (rules, llm or chunks)")
     return {doc_id: rules(doc_id, text) for doc_id, text in tqdm(texts.items(), desc="atomize", unit="doc")}
 
 
