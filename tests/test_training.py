@@ -207,3 +207,32 @@ def test_validation_reports_routing_and_answer_loss_with_and_without_atoms(setup
     assert abs(everything["answer_ce_gold"] - everything["answer_ce_base"]) < 1e-2  # untrained: near no-op
     nothing = validate(distiller, items, k=100, threshold=1.01)
     assert nothing["false_refusals"] == nothing["probe_refusals"] == 1.0 and math.isnan(nothing["answer_ce_routed"])
+
+
+def test_two_data_parallel_processes_match_one_process(tmp_path, dataset, tiny_model_dir):
+    """torchrun --nproc_per_node 2 (gloo) ends with the same weights and logged losses as one process."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, launcher in [("single", [sys.executable, "-m"]),
+                           ("ddp", [str(Path(sys.executable).parent / "torchrun"), "--standalone",
+                                    "--nproc_per_node", "2", "-m"])]:
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump({"data": str(dataset), "model": str(tiny_model_dir), "steps": 3,
+                                          "out": str(tmp_path / name), "gold_only_fraction": 0.34,
+                                          "eval_every": 100, **TINY}))
+        done = subprocess.run([*launcher, "training.cli", "train", "--config", str(config)], capture_output=True,
+                              text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = (load_file(str(tmp_path / name / "checkpoint" / "compiler.safetensors")),
+                      (tmp_path / name / "metrics.csv").read_text().splitlines())
+    (single, single_rows), (ddp, ddp_rows) = runs["single"], runs["ddp"]
+    for key, tensor in single.items():
+        if key.startswith("model."):
+            torch.testing.assert_close(ddp[key], tensor, atol=1e-5, rtol=1e-4, msg=key)
+    assert len(single_rows) == len(ddp_rows) == 4
+    for a, b in zip(single_rows[1:], ddp_rows[1:]):
+        assert abs(float(a.split(",")[3]) - float(b.split(",")[3])) < 1e-4  # total loss per step

@@ -72,9 +72,20 @@ def _train(args: argparse.Namespace) -> int:
         key, _, value = override.partition("=")
         if not hasattr(config, key):
             raise ValueError(f"--set {override}: unknown setting {key!r}")
-        setattr(config, key, type(getattr(config, key))(value) if getattr(config, key) is not None else value)
+        setattr(config, key, _parse_setting(getattr(config, key), value))
     print(train(config, resume=args.resume))
     return 0
+
+
+def _parse_setting(current, value: str):
+    """A --set value, typed like the setting it replaces."""
+    if isinstance(current, bool):
+        return value.lower() in ("1", "true", "yes", "on")
+    if isinstance(current, list):
+        return [v for v in value.split(",") if v]
+    if current is None:
+        return None if value.lower() in ("", "none", "null") else int(value) if value.isdigit() else value
+    return type(current)(value)
 
 
 def _compile(args: argparse.Namespace) -> int:

@@ -1,4 +1,9 @@
-"""The training objective's named terms. Each is a scalar that is zero when its goal is met exactly."""
+"""The training objective's named terms. Each is a scalar that is zero when its goal is met exactly.
+
+Position-wise terms average over positions, or, given `denominator`, sum and divide by it: data-parallel
+ranks each sum their share of the positions and divide by the global count, so the ranks' terms add up
+to the single-process mean exactly.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,17 @@ import torch
 from torch.nn import functional as F
 
 
-def answer_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def _reduce(values: torch.Tensor, denominator: int | None) -> torch.Tensor:
+    return values.mean() if denominator is None else values.sum() / denominator
+
+
+def answer_ce(logits: torch.Tensor, tokens: torch.Tensor, denominator: int | None = None) -> torch.Tensor:
     """Cross-entropy of the teacher's answer tokens: logits [n, V], tokens [n]."""
-    return F.cross_entropy(logits, tokens)
+    return _reduce(F.cross_entropy(logits, tokens, reduction="none"), denominator)
 
 
-def teacher_kl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
+def teacher_kl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+               denominator: int | None = None) -> torch.Tensor:
     """KL(teacher || student) over the teacher's top-k tokens, both renormalised on that set.
     logits [n, V], topk_ids [n, k] (-1 = none), topk_logprobs [n, k]."""
     valid = topk_ids >= 0
@@ -19,7 +29,7 @@ def teacher_kl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torc
     student_all = torch.log_softmax(logits, dim=-1).gather(-1, topk_ids.clamp(min=0))
     student = torch.log_softmax(student_all.masked_fill(~valid, -torch.inf), dim=-1)
     terms = teacher.exp() * (teacher - student)
-    return terms.masked_fill(~valid, 0.0).sum(-1).mean()
+    return _reduce(terms.masked_fill(~valid, 0.0).sum(-1), denominator)
 
 
 def routing_bce(logits: torch.Tensor, labels: torch.Tensor, positive_weight: float = 1.0) -> torch.Tensor:
@@ -34,16 +44,16 @@ def adapter_norm(weights: torch.Tensor, a_norms: torch.Tensor, b_norms: torch.Te
     return (weights.pow(2) * a_norms * b_norms).sum()
 
 
-def logits_kl(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+def logits_kl(reference: torch.Tensor, other: torch.Tensor, denominator: int | None = None) -> torch.Tensor:
     """KL(softmax(reference) || softmax(other)) averaged over positions: knowledge protection, with the base
     model's logits as reference on prompts unrelated to the composed atoms."""
     ref = torch.log_softmax(reference, dim=-1)
-    return (ref.exp() * (ref - torch.log_softmax(other, dim=-1))).sum(-1).mean()
+    return _reduce((ref.exp() * (ref - torch.log_softmax(other, dim=-1))).sum(-1), denominator)
 
 
-def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, denominator: int | None = None) -> torch.Tensor:
     """Composition consistency: gold atoms alone vs gold atoms plus a few distractors."""
-    return 0.5 * (logits_kl(p_logits, q_logits) + logits_kl(q_logits, p_logits))
+    return 0.5 * (logits_kl(p_logits, q_logits, denominator) + logits_kl(q_logits, p_logits, denominator))
 
 
 def gate_l1(gates: torch.Tensor) -> torch.Tensor:

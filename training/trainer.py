@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -171,6 +172,9 @@ def prepare(config: TrainConfig, model, tokenizer, encoder) -> tuple[AtomTable, 
 # ---- one step -----------------------------------------------------------------------------------------------
 
 
+PROTECTED_POSITIONS = 8  # knowledge protection compares the last positions of each unrelated prompt
+
+
 class Distiller:
     """Holds the frozen base model (with LoRA hooks) and the trainable compiler; computes the losses."""
 
@@ -180,8 +184,9 @@ class Distiller:
         self.start_layer = model.config.num_hidden_layers - config.adapted_layers
         self.hooks = LoRAHooks(model, self.targets)
 
-    def losses(self, answerable: list[QuestionItem], probes: list[QuestionItem], stage: int,
-               k: int) -> dict[str, torch.Tensor]:
+    def losses(self, answerable: list[QuestionItem], probes: list[QuestionItem], stage: int, k: int,
+               rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+        """Every term for one global batch; with world > 1, this rank's share (see the note below)."""
         cfg, table = self.config, self.table
         questions = answerable + probes
         rows = sorted({r for q in questions for r in table.document_rows[q.document_id]})
@@ -202,17 +207,23 @@ class Distiller:
         out["gate_l1"] = losses.gate_l1(gates)
         out["confidence"] = losses.confidence_alignment(gates, table.confidence[rows])
 
+        # The student forwards are the expensive part: a data-parallel rank runs only its share of the
+        # questions, summing and dividing by GLOBAL counts (x world, since gradients are averaged over ranks).
         selections = [self._select(q, weights[i], local, stage, k) for i, q in enumerate(answerable)]
-        student_logits = self._student_logits(answerable, selections, a, b, gates)
-        tokens = torch.cat([q.student.answer_tokens for q in answerable])
-        out["answer_ce"] = losses.answer_ce(student_logits, tokens)
-        out["teacher_kl"] = losses.teacher_kl(student_logits, torch.cat([q.student.topk_ids for q in answerable]),
-                                              torch.cat([q.student.topk_logprobs for q in answerable]))
+        mine = list(range(rank, len(answerable), world))
+        own = [answerable[i] for i in mine]
+        tokens_total = sum(len(q.student.answer_tokens) for q in answerable) / world
+        if own:
+            student_logits = self._student_logits(own, [selections[i] for i in mine], a, b, gates)
+            out["answer_ce"] = losses.answer_ce(student_logits, torch.cat([q.student.answer_tokens for q in own]),
+                                                tokens_total)
+            out["teacher_kl"] = losses.teacher_kl(student_logits, torch.cat([q.student.topk_ids for q in own]),
+                                                  torch.cat([q.student.topk_logprobs for q in own]), tokens_total)
         if stage >= 1:
-            if cfg.method == "doc2atom":
-                gold_only = [[(local[r], weights[i, local[r]]) for r in q.gold] for i, q in enumerate(answerable)]
+            if cfg.method == "doc2atom" and own:
+                gold_only = [[(local[r], weights[i, local[r]]) for r in answerable[i].gold] for i in mine]
                 out["consistency"] = losses.symmetric_kl(
-                    self._student_logits(answerable, gold_only, a, b, gates), student_logits)
+                    self._student_logits(own, gold_only, a, b, gates), student_logits, tokens_total)
             if probes:
                 sizes = sum(a[t].pow(2).sum((-1, -2)) * b[t].pow(2).sum((-1, -2)) * gates[:, j].pow(2)
                             for j, t in enumerate(self.targets))  # [n]
@@ -222,7 +233,10 @@ class Distiller:
                 out["suppression"] = torch.stack([
                     losses.adapter_norm(weights[offset + i], sizes, torch.ones_like(sizes))
                     for i in range(len(probes))]).mean()
-                out["protection"] = self._protection(probes, selections, a, b, gates)
+                paired = [(p, selections[i % len(selections)]) for i, p in enumerate(probes)]
+                positions_total = sum(min(PROTECTED_POSITIONS, p.prompt_hidden.shape[0]) for p in probes) / world
+                if paired[rank::world]:
+                    out["protection"] = self._protection(paired[rank::world], a, b, gates, positions_total)
         return out
 
     def _select(self, q: QuestionItem, weights: torch.Tensor, local: dict[int, int], stage: int,
@@ -262,16 +276,15 @@ class Distiller:
         picked = torch.cat([hidden[i, q.student.answer_positions] for i, q in enumerate(answerable)])
         return self.model.lm_head(picked)
 
-    def _protection(self, probes, selections, a, b, gates) -> torch.Tensor:
+    def _protection(self, paired, a, b, gates, denominator: float) -> torch.Tensor:
         """Adapters composed for some questions must not change the model on unrelated prompts (probes)."""
-        paired = [selections[i % len(selections)] for i in range(len(probes))]
-        hiddens = [p.prompt_hidden for p in probes]
-        tail = [slice(h.shape[0] - 8, h.shape[0]) for h in hiddens]  # the prompt's last positions
-        adapted = self._run(hiddens, self._compose(paired, a, b, gates))
+        hiddens = [p.prompt_hidden for p, _ in paired]
+        tail = [slice(max(0, h.shape[0] - PROTECTED_POSITIONS), h.shape[0]) for h in hiddens]
+        adapted = self._run(hiddens, self._compose([s for _, s in paired], a, b, gates))
         with torch.no_grad():
             base = self._run(hiddens, None)
         pick = lambda h: self.model.lm_head(torch.cat([h[i, s] for i, s in enumerate(tail)]))  # noqa: E731
-        return losses.logits_kl(pick(base), pick(adapted))
+        return losses.logits_kl(pick(base), pick(adapted), denominator)
 
 
 # ---- training loop ------------------------------------------------------------------------------------------
@@ -285,8 +298,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
     from .models import PACKAGED_MODELS, prepare_model
 
+    rank, world = _init_distributed()
     torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
+    rng = random.Random(config.seed)  # same seed on every rank: every rank draws the same global batch
     model_dir = str(prepare_model(config.model)) if config.model in PACKAGED_MODELS else config.model
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -319,28 +333,35 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     distiller = Distiller(config, model, compiler, table)
     metrics_path = out / "metrics.csv"
     term_names = [f.name for f in fields(LossWeights)]
-    with open(metrics_path, "a", newline="") as metrics_file:
+    lead = rank == 0  # only the first rank writes metrics and checkpoints
+    with open(metrics_path if lead else os.devnull, "a", newline="") as metrics_file:
         writer = csv.writer(metrics_file)
-        if metrics_file.tell() == 0:
+        if lead and metrics_file.tell() == 0:
             writer.writerow(["step", "stage", "k", "total", *term_names, "seconds"])
-        bar = tqdm(total=config.steps, initial=step, desc=f"train {config.method}", unit="step")
+        bar = tqdm(total=config.steps, initial=step, desc=f"train {config.method}", unit="step", disable=not lead)
         while step < config.steps:
             start = time.perf_counter()
             stage, k = curriculum(config, step)
             answerable = rng.sample(train_answerable, min(config.batch_size, len(train_answerable)))
             probes = rng.sample(train_probes, min(config.batch_size // 2, len(train_probes))) if stage else []
-            terms = distiller.losses(answerable, probes, stage, k)
+            terms = distiller.losses(answerable, probes, stage, k, rank, world)
             total = sum(getattr(config.weights, name) * value for name, value in terms.items())
             optimizer.zero_grad()
             total.backward()
+            if world > 1:
+                _average_gradients(compiler)
             torch.nn.utils.clip_grad_norm_(compiler.parameters(), 1.0)
             optimizer.step()
             step += 1
-            writer.writerow([step, stage, k, f"{total.item():.5f}",
-                             *[f"{terms[n].item():.5f}" if n in terms else "" for n in term_names],
+            logged = _mean_over_ranks({n: t.detach() for n, t in terms.items()}, term_names, world)
+            logged_total = sum(getattr(config.weights, n) * v for n, v in logged.items())
+            writer.writerow([step, stage, k, f"{logged_total:.5f}",
+                             *[f"{logged[n]:.5f}" if n in logged else "" for n in term_names],
                              f"{time.perf_counter() - start:.3f}"])
             bar.update(1)
-            bar.set_postfix(loss=f"{total.item():.3f}", ce=f"{terms['answer_ce'].item():.3f}", stage=stage)
+            bar.set_postfix(loss=f"{logged_total:.3f}", ce=f"{logged['answer_ce']:.3f}", stage=stage)
+            if not lead:
+                continue
             if validation and (step % config.eval_every == 0 or step == config.steps):
                 values = validate(distiller, validation, max(k, 2))
                 _append_csv(out / "validation.csv", ["step", *VALIDATION_COLUMNS],
@@ -350,8 +371,39 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             if step % config.save_every == 0 or step == config.steps:
                 save_checkpoint(checkpoint, compiler, optimizer, step, config)
         bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     logger.info("checkpoint: %s (metrics: %s)", checkpoint, metrics_path)
     return checkpoint
+
+
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size): torchrun sets WORLD_SIZE; gloo works on CPUs, nccl is used on GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (torch.distributed.get_rank() if world > 1 else 0), world
+
+
+def _average_gradients(module: torch.nn.Module) -> None:
+    """Every rank ends with the mean of the ranks' gradients (parameters stay identical everywhere)."""
+    for p in module.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= torch.distributed.get_world_size()
+
+
+def _mean_over_ranks(values: dict[str, torch.Tensor], names: list[str], world: int) -> dict[str, float]:
+    """Per-term values as one process with the whole batch would have computed them (absent = no rank has it)."""
+    stacked = torch.stack([values[n].float() if n in values else torch.zeros(()) for n in names])
+    present = torch.tensor([float(n in values) for n in names])
+    if world > 1:
+        torch.distributed.all_reduce(stacked)
+        torch.distributed.all_reduce(present)
+        stacked = stacked / world
+    return {n: v for n, v, p in zip(names, stacked.tolist(), present.tolist()) if p > 0}
 
 
 def curriculum(config: TrainConfig, step: int) -> tuple[int, int]:
