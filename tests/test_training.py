@@ -171,6 +171,12 @@ def test_compile_route_compose_and_peft_match_the_training_path(tmp_path, datase
     assert main(["compile", *docs, "--checkpoint", checkpoint, "--out", str(tmp_path / "bank")]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["documents"] == 3 and stats["atoms"] > 10 and stats["atoms_per_second"] > 0
+    # optimize mode: context distillation brings each atom's adapter closer to the document-reading teacher
+    assert main(["compile", docs[0], "--checkpoint", checkpoint, "--out", str(tmp_path / "optimized"),
+                 "--mode", "optimize", "--refine-steps", "6", "--refine-lr", "1e-2"]) == 0
+    optimized = json.loads(capsys.readouterr().out)
+    assert optimized["mode"] == "optimize" and optimized["context_kl_after"] < optimized["context_kl_before"]
+    AtomBank.load(tmp_path / "optimized")
 
     bank = AtomBank.load(tmp_path / "bank", expect_base=BaseModelFingerprint.from_model_dir(tiny_model_dir))
     assert bank.spec.router_head and "+proj-" in bank.spec.key_encoder

@@ -92,8 +92,11 @@ def _compile(args: argparse.Namespace) -> int:
     from .compile import compile_documents, read_documents
 
     documents = read_documents(args.documents)
+    from .compile import RefineConfig
+
     bank, stats = compile_documents(documents, args.checkpoint, args.out, model_dir=args.model,
-                                    overwrite=args.overwrite)
+                                    overwrite=args.overwrite, mode=args.mode,
+                                    refine=RefineConfig(steps=args.refine_steps, lr=args.refine_lr))
     print(json.dumps({"bank": str(bank.path), **stats}, indent=2))
     return 0
 
@@ -175,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bank folder to write")
     p.add_argument("--model", help="base model folder (default: the one the checkpoint was trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bank")
+    p.add_argument("--mode", choices=["amortized", "optimize"], default="amortized",
+                   help="amortized: one compiler pass per atom; optimize: then refine each atom's micro-LoRA by "
+                        "context distillation against the base model reading the document (slower)")
+    p.add_argument("--refine-steps", type=int, default=8, help="optimize mode: steps per atom")
+    p.add_argument("--refine-lr", type=float, default=1e-3, help="optimize mode: learning rate")
     p.set_defaults(func=_compile)
 
     p = sub.add_parser(

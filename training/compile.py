@@ -1,27 +1,30 @@
 """`doc2atom compile`: documents -> atoms -> a trained compiler's micro-LoRAs, gates and keys -> an atom bank.
 
-Amortized: one compiler forward per atom (the paper's mode). The bank carries the trained query projection
-and router head, so a server routes it exactly as it was trained.
+Modes: `amortized` (the paper's: one compiler forward per atom) and `optimize` (then a few steps of context
+distillation per atom, for users who want the most accuracy: see `refine_atom`). The bank carries the trained
+query projection and router head, so a server routes it exactly as it was trained.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from vllm_doc2atom.bank import AtomBank, BankSpec, DocumentAtoms
+from vllm_doc2atom.bank import AtomBank, BankSpec, DocumentAtoms, Target
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
 
+from . import losses
 from .atomize.rules import RuleAtomizer
-from .student import atom_features
+from .student import LoRAHooks, atom_features
 from .trainer import load_compiler
 
 logger = logging.getLogger(__name__)
@@ -42,9 +45,52 @@ def read_documents(paths: list[str | Path]) -> dict[str, str]:
     return documents
 
 
-@torch.no_grad()
+@dataclass
+class RefineConfig:
+    steps: int = 8  # optimizer steps per atom
+    lr: float = 1e-3
+
+
+def refine_atom(model, tokenizer, hooks: LoRAHooks, document: str, atom_text: str, targets: list[Target],
+                a: dict[Target, torch.Tensor], b: dict[Target, torch.Tensor], scale: torch.Tensor,
+                config: RefineConfig) -> tuple[float, float]:
+    """Context distillation of ONE atom's micro-LoRA: the base model with the document in context is the
+    teacher of the atom text's second half given its first half; the student sees only that first half,
+    with the atom's adapter. a/b are updated in place; returns the KL before and after."""
+    words = atom_text.split()
+    if len(words) < 4:
+        return math.nan, math.nan
+    cut = len(" ".join(words[: len(words) // 2]))
+    prefix = tokenizer(atom_text[:cut], add_special_tokens=False)["input_ids"]
+    continuation = tokenizer(atom_text[cut:], add_special_tokens=False)["input_ids"]
+    context = tokenizer(document + "\n\n", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        teacher = model(torch.tensor([context + prefix + continuation])).logits[0, len(context) + len(prefix) - 1:-1]
+    student_ids = torch.tensor([prefix + continuation])
+    params = [p.requires_grad_(True) for t in targets for p in (a[t], b[t])]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+
+    def kl() -> torch.Tensor:
+        factors = {t: (scale[j] * a[t][None], b[t][None]) for j, t in enumerate(targets)}
+        with hooks.active(factors):
+            student = model(student_ids).logits[0, len(prefix) - 1:-1]
+        return losses.logits_kl(teacher, student)
+
+    before = float(kl())
+    for _ in range(config.steps):
+        loss = kl()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = float(kl())
+    for p in params:
+        p.requires_grad_(False)
+    return before, after
+
+
 def compile_documents(documents: Mapping[str, str], checkpoint: str | Path, out: str | Path,
-                      model_dir: str | Path | None = None, overwrite: bool = False) -> tuple[AtomBank, dict]:
+                      model_dir: str | Path | None = None, overwrite: bool = False, mode: str = "amortized",
+                      refine: RefineConfig | None = None) -> tuple[AtomBank, dict]:
     """Compile documents into a bank at `out`; returns the bank and timing stats."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,15 +116,31 @@ def compile_documents(documents: Mapping[str, str], checkpoint: str | Path, out:
                     lora_scaling=config.lora_scaling, key_encoder=encoder.identity, key_dim=config.key_dim,
                     checkpoint=f"{Path(checkpoint).resolve().parent.name}@step{meta['step']}",
                     router_head=asdict(compiler.head.export()))
+    if mode not in ("amortized", "optimize"):
+        raise ValueError(f"unknown compile mode {mode!r} (amortized or optimize)")
     atomizer = RuleAtomizer()
-    compiled, atom_count = [], 0
-    for doc_id, text in tqdm(documents.items(), desc="compile", unit="doc"):
+    hooks = LoRAHooks(model, config.target_list()) if mode == "optimize" else None
+    compiled, atom_count, kl_before, kl_after = [], 0, [], []
+    for doc_id, text in tqdm(documents.items(), desc=f"compile ({mode})", unit="doc"):
         atoms = atomizer(doc_id, text)
         if not atoms:
             logger.warning("%s: no atoms (empty document?), skipped", doc_id)
             continue
-        features = atom_features(model, tokenizer, text, [a.span for a in atoms], meta["encoder_layer"])
-        a, b, gates = compiler(features)
+        with torch.no_grad():
+            features = atom_features(model, tokenizer, text, [a.span for a in atoms], meta["encoder_layer"])
+            a, b, gates = compiler(features)
+        if hooks is not None:
+            for i, atom in enumerate(atoms):
+                rows_a = {t: a[t][i].clone() for t in config.target_list()}
+                rows_b = {t: b[t][i].clone() for t in config.target_list()}
+                before, after = refine_atom(model, tokenizer, hooks, text, atom.text, config.target_list(),
+                                            rows_a, rows_b, gates[i] * config.lora_scaling,
+                                            refine or RefineConfig())
+                for t in config.target_list():
+                    a[t][i], b[t][i] = rows_a[t].detach(), rows_b[t].detach()
+                if not math.isnan(before):
+                    kl_before.append(before)
+                    kl_after.append(after)
         embeddings = torch.from_numpy(sentences.encode([x.retrieval_text or x.text for x in atoms]))
         tensors = {f"A.{t.key}": a[t] for t in config.target_list()}
         tensors |= {f"B.{t.key}": b[t] for t in config.target_list()}
@@ -87,8 +149,11 @@ def compile_documents(documents: Mapping[str, str], checkpoint: str | Path, out:
         atom_count += len(atoms)
     bank = AtomBank.create(out, spec, compiled, overwrite=overwrite, query_projection=projection)
     seconds = time.perf_counter() - start
-    stats = {"documents": len(compiled), "atoms": atom_count, "seconds": round(seconds, 2),
+    stats = {"mode": mode, "documents": len(compiled), "atoms": atom_count, "seconds": round(seconds, 2),
              "atoms_per_second": round(atom_count / max(seconds, 1e-9), 1),
              "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if kl_before:  # optimize mode: how much closer the atoms' adapters got to the teacher
+        stats["context_kl_before"] = round(sum(kl_before) / len(kl_before), 4)
+        stats["context_kl_after"] = round(sum(kl_after) / len(kl_after), 4)
     logger.info("compiled %s", stats)
     return bank, stats
