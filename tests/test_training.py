@@ -242,3 +242,29 @@ def test_two_data_parallel_processes_match_one_process(tmp_path, dataset, tiny_m
     assert len(single_rows) == len(ddp_rows) == 4
     for a, b in zip(single_rows[1:], ddp_rows[1:]):
         assert abs(float(a.split(",")[3]) - float(b.split(",")[3])) < 1e-4  # total loss per step
+
+
+def test_learned_router_head_exports_exactly_what_the_server_applies():
+    from dataclasses import asdict
+
+    from training.model import LearnedRouterHead
+    from vllm_doc2atom.bank import ATOM_TYPES, AtomRecord
+    from vllm_doc2atom.router import RouterHead
+
+    head = LearnedRouterHead()
+    with torch.no_grad():
+        head.type_bias.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0, 0.3]))
+        head.answer_bearing_bias.fill_(0.7)
+        head.confidence_scale.fill_(1.5)
+        head.sim_scale.fill_(12.0)
+        head.sim_center.fill_(0.4)
+    exported = head.export()
+    assert RouterHead(**json.loads(json.dumps(asdict(exported)))) == exported  # survives the bank manifest
+    for t_index, atom_type in enumerate(ATOM_TYPES):
+        for answer_bearing in (False, True):
+            atom = AtomRecord(id="a", document_id="d", type=atom_type, text="x", span=(0, 1),
+                              answer_bearing=answer_bearing, confidence=0.8)
+            with torch.no_grad():
+                trained = torch.sigmoid(head(torch.tensor([0.6]), torch.tensor([t_index]),
+                                             torch.tensor([float(answer_bearing)]), torch.tensor([0.8])))
+            assert abs(exported.weight(0.6, atom, None, stage2=False) - float(trained)) < 1e-6

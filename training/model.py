@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from vllm_doc2atom.bank import Target
+from vllm_doc2atom.bank import ATOM_TYPES, Target
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
 from vllm_doc2atom.router import RouterHead
 
@@ -84,20 +84,29 @@ class MemoryCompiler(nn.Module):
 
 
 class LearnedRouterHead(nn.Module):
-    """Trainable twin of vllm_doc2atom.router.RouterHead (stage-1 terms: the runtime applies it as is)."""
+    """Trainable twin of vllm_doc2atom.router.RouterHead: similarity plus the atoms' metadata (type prior,
+    answer-bearing flag, confidence), exported with `metadata=True` so the server applies all of it."""
 
     def __init__(self) -> None:
         super().__init__()
         defaults = RouterHead()
         self.sim_scale = nn.Parameter(torch.tensor(defaults.sim_scale))
         self.sim_center = nn.Parameter(torch.tensor(defaults.sim_center))
+        self.type_bias = nn.Parameter(torch.zeros(len(ATOM_TYPES)))
+        self.answer_bearing_bias = nn.Parameter(torch.zeros(()))
+        self.confidence_scale = nn.Parameter(torch.zeros(()))
 
-    def forward(self, similarity: torch.Tensor) -> torch.Tensor:
-        """Router logits (weights are their sigmoid)."""
-        return self.sim_scale * (similarity - self.sim_center)
+    def forward(self, similarity: torch.Tensor, types: torch.Tensor, answer_bearing: torch.Tensor,
+                confidence: torch.Tensor) -> torch.Tensor:
+        """Router logits (weights are their sigmoid): similarity [..., n]; types, answer_bearing, confidence [n]."""
+        return (self.sim_scale * (similarity - self.sim_center) + self.type_bias[types]
+                + self.answer_bearing_bias * answer_bearing + self.confidence_scale * (confidence - 1.0))
 
     def export(self) -> RouterHead:
-        return RouterHead(sim_scale=float(self.sim_scale), sim_center=float(self.sim_center))
+        return RouterHead(sim_scale=float(self.sim_scale), sim_center=float(self.sim_center),
+                          type_bias={t: float(b) for t, b in zip(ATOM_TYPES, self.type_bias)},
+                          answer_bearing_bias=float(self.answer_bearing_bias),
+                          confidence_scale=float(self.confidence_scale), metadata=True)
 
 
 def _param_name(target: Target) -> str:

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from vllm_doc2atom.bank import Target
+from vllm_doc2atom.bank import ATOM_TYPES, Target
 from vllm_doc2atom.composer import stack_factors
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
 
@@ -99,6 +99,12 @@ class AtomTable:
     text_embeddings: torch.Tensor  # [N, D] sentence-encoder embeddings of retrieval texts
     confidence: torch.Tensor  # [N]
     groups: torch.Tensor  # [N] conflict-group index, -1 none
+    types: torch.Tensor  # [N] index into ATOM_TYPES
+    answer_bearing: torch.Tensor  # [N] 0/1
+
+    def metadata(self, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(types, answer_bearing, confidence) of some rows: the router head's metadata inputs."""
+        return self.types[rows], self.answer_bearing[rows], self.confidence[rows]
 
 
 @dataclass
@@ -144,7 +150,9 @@ def prepare(config: TrainConfig, model, tokenizer, encoder) -> tuple[AtomTable, 
         text_embeddings=torch.from_numpy(encoder.encode([a.get("retrieval_text") or a["text"] for a in atoms])),
         confidence=torch.tensor([float(a["confidence"]) for a in atoms]),
         groups=torch.tensor([group_names.index(a["conflict_group"]) if a.get("conflict_group") else -1
-                             for a in atoms]))
+                             for a in atoms]),
+        types=torch.tensor([ATOM_TYPES.index(a["type"]) for a in atoms], dtype=torch.long),
+        answer_bearing=torch.tensor([float(a["answer_bearing"]) for a in atoms]))
 
     start_layer = model.config.num_hidden_layers - config.adapted_layers
     answerable = [q for q in questions if q["kind"] == ANSWERABLE and q["id"] in targets and q["labels"]["gold"]]
@@ -194,7 +202,7 @@ class Distiller:
         a, b, gates = self.compiler(table.features[rows])
         keys = self.compiler.keys(table.text_embeddings[rows])  # [n, K]
         queries = self.compiler.queries(torch.stack([q.embedding for q in questions]))  # [q, K]
-        logits = self.compiler.head(queries @ keys.T)  # [q, n]: every atom of the batch is a candidate
+        logits = self.compiler.head(queries @ keys.T, *table.metadata(rows))  # [q, n]: all batch atoms compete
         weights = torch.sigmoid(logits)
         labels = torch.zeros_like(logits)
         for i, q in enumerate(questions):
@@ -430,7 +438,7 @@ def validate(distiller: Distiller, items: list[QuestionItem], k: int, threshold:
     for q in answerable + probes:
         own = table.document_rows[q.document_id]
         keys = compiler.keys(table.text_embeddings[own])
-        weights = torch.sigmoid(compiler.head(compiler.queries(q.embedding[None]) @ keys.T))[0]
+        weights = torch.sigmoid(compiler.head(compiler.queries(q.embedding[None]) @ keys.T, *table.metadata(own)))[0]
         kept = [own[i] for i in weights.argsort(descending=True)[:k].tolist() if weights[i] >= threshold]
         routed.append((q, kept, {r: weights[own.index(r)] for r in kept}))
         recalled += q.student is not None and bool(set(q.gold) & set(kept))

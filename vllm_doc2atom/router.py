@@ -35,7 +35,8 @@ class RouterHead:
                         + answer_bearing_bias·answer_bearing + confidence_scale·(confidence − 1)).
 
     The defaults suit untrained keys from all-MiniLM-L6-v2 (cos ≥ 0.35 passes a 0.5 threshold);
-    a trained checkpoint supplies its own values. Terms after the first apply in stage 2 only.
+    a trained checkpoint supplies its own values. The rerank term applies in stage 2 only; the metadata
+    terms too, unless `metadata` says they were learned as part of this head (then they always apply).
     """
 
     sim_scale: float = 20.0
@@ -44,11 +45,13 @@ class RouterHead:
     type_bias: dict[str, float] = field(default_factory=dict)
     answer_bearing_bias: float = 0.0
     confidence_scale: float = 0.0
+    metadata: bool = False  # the metadata terms were trained with the head
 
     def weight(self, similarity: float, atom: AtomRecord, rerank: float | None, stage2: bool) -> float:
         logit = self.sim_scale * (similarity - self.sim_center)
         if stage2:
             logit += self.rerank_scale * (rerank or 0.0)
+        if stage2 or self.metadata:
             logit += self.type_bias.get(atom.type, 0.0)
             logit += self.answer_bearing_bias * float(atom.answer_bearing)
             logit += self.confidence_scale * (atom.confidence - 1.0)
