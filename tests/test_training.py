@@ -144,6 +144,7 @@ def test_train_cli_checkpoint_round_trip_and_resume(tmp_path, dataset, tiny_mode
     rows = [line.split(",") for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert load_compiler(checkpoint)[1]["step"] == 6
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))  # curves for TensorBoard
     with pytest.raises(ValueError, match="unknown settings"):
         config.write_text(yaml.safe_dump({"data": "x", "stepz": 3}))
         TrainConfig.from_file(config)

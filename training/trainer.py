@@ -346,6 +346,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         writer = csv.writer(metrics_file)
         if lead and metrics_file.tell() == 0:
             writer.writerow(["step", "stage", "k", "total", *term_names, "seconds"])
+        board = _tensorboard(out / "tensorboard") if lead else None
         bar = tqdm(total=config.steps, initial=step, desc=f"train {config.method}", unit="step", disable=not lead)
         while step < config.steps:
             start = time.perf_counter()
@@ -368,6 +369,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                              f"{time.perf_counter() - start:.3f}"])
             bar.update(1)
             bar.set_postfix(loss=f"{logged_total:.3f}", ce=f"{logged['answer_ce']:.3f}", stage=stage)
+            if board is not None:
+                for name, value in {"total": logged_total, **logged}.items():
+                    board.add_scalar(f"train/{name}", value, step)
             if not lead:
                 continue
             if validation and (step % config.eval_every == 0 or step == config.steps):
@@ -375,15 +379,29 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                 _append_csv(out / "validation.csv", ["step", *VALIDATION_COLUMNS],
                             [step, *[f"{values[c]:.5f}" for c in VALIDATION_COLUMNS]])
                 logger.info("step %d validation: %s", step, {c: round(values[c], 4) for c in VALIDATION_COLUMNS})
+                if board is not None:
+                    for name in VALIDATION_COLUMNS:
+                        board.add_scalar(f"validation/{name}", values[name], step)
                 metrics_file.flush()
             if step % config.save_every == 0 or step == config.steps:
                 save_checkpoint(checkpoint, compiler, optimizer, step, config)
         bar.close()
+        if board is not None:
+            board.close()
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     logger.info("checkpoint: %s (metrics: %s)", checkpoint, metrics_path)
     return checkpoint
+
+
+def _tensorboard(path: Path):
+    """A TensorBoard writer when tensorboard is installed (it is with the `test` extra), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
 
 
 def _init_distributed() -> tuple[int, int]:
