@@ -308,7 +308,6 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
     rank, world = _init_distributed()
     torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)  # same seed on every rank: every rank draws the same global batch
     model_dir = str(prepare_model(config.model)) if config.model in PACKAGED_MODELS else config.model
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -351,6 +350,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         while step < config.steps:
             start = time.perf_counter()
             stage, k = curriculum(config, step)
+            # Seeded by (seed, step): every rank draws the same global batch, and a resumed run the same batches.
+            rng = random.Random(config.seed * 1_000_003 + step)
             answerable = rng.sample(train_answerable, min(config.batch_size, len(train_answerable)))
             probes = rng.sample(train_probes, min(config.batch_size // 2, len(train_probes))) if stage else []
             terms = distiller.losses(answerable, probes, stage, k, rank, world)
