@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -89,15 +90,29 @@ def _parse_setting(current, value: str):
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from .compile import compile_documents, read_documents
+    from .compile import RefineConfig, compile_documents, read_documents
 
     documents = read_documents(args.documents)
-    from .compile import RefineConfig
-
     bank, stats = compile_documents(documents, args.checkpoint, args.out, model_dir=args.model,
-                                    overwrite=args.overwrite, mode=args.mode,
+                                    overwrite=args.overwrite, mode=args.mode, atomizer=args.atomizer,
                                     refine=RefineConfig(steps=args.refine_steps, lr=args.refine_lr))
     print(json.dumps({"bank": str(bank.path), **stats}, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate.harness import EvalConfig, run_eval
+    from .evaluate.report import write_report
+
+    config = EvalConfig(data=args.data, out=args.out, checkpoint=args.checkpoint,
+                        d2l_atom_checkpoint=args.d2l_atom_checkpoint, d2l_raw_checkpoint=args.d2l_raw_checkpoint,
+                        model=args.model, methods=args.methods.split(","), backend=args.backend, split=args.split,
+                        limit=args.limit, max_tokens=args.max_tokens, concurrency=args.concurrency,
+                        top_k=args.top_k, threshold=args.threshold, seed=args.seed,
+                        serve_args=shlex.split(args.serve_args))
+    results = run_eval(config)
+    print(write_report(results, Path(args.out)))
+    print(f"\n{args.out}/results.json, results.md, results.png, replies.jsonl")
     return 0
 
 
@@ -183,7 +198,37 @@ def build_parser() -> argparse.ArgumentParser:
                         "context distillation against the base model reading the document (slower)")
     p.add_argument("--refine-steps", type=int, default=8, help="optimize mode: steps per atom")
     p.add_argument("--refine-lr", type=float, default=1e-3, help="optimize mode: learning rate")
+    p.add_argument("--atomizer", choices=["rules", "chunks"], default="rules",
+                   help="rules: typed atoms (default); chunks: fixed windows, for a d2l_raw baseline checkpoint")
     p.set_defaults(func=_compile)
+
+    from .evaluate.artifacts import METHODS
+
+    p = sub.add_parser("eval", help="score every method side by side on held-out documents",
+                       description="Compile the held-out documents of each dataset for every method, answer their "
+                                   "questions (served by vllm serve --plugin doc2atom, or transformers+PEFT in "
+                                   "process), and write a Markdown table, results.json, results.png and every "
+                                   "reply. Datasets come from `doc2atom data build --source ...` (any loader or "
+                                   "your own SQuAD .json / .jsonl file; no teacher needed).")
+    p.add_argument("--data", action="append", required=True, help="a built dataset folder (repeatable)")
+    p.add_argument("--out", required=True, help="output folder (banks, adapters, results)")
+    p.add_argument("--checkpoint", help="doc2atom checkpoint (methods doc2atom, doc2atom_optimize)")
+    p.add_argument("--d2l-atom-checkpoint", help="checkpoint trained with method d2l_atom (baseline d2l_atom)")
+    p.add_argument("--d2l-raw-checkpoint", help="d2l_atom checkpoint trained on --atomizer chunks data (d2l_raw)")
+    p.add_argument("--model", help="base model (default: the checkpoints')")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset of: " + ", ".join(METHODS) + " (a method without its "
+                        "checkpoint is skipped)")
+    p.add_argument("--backend", choices=["served", "transformers"], default="served")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--limit", type=int, help="documents per dataset (a seeded, deterministic sample)")
+    p.add_argument("--max-tokens", type=int, default=32, help="answer length limit")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (served)")
+    p.add_argument("--top-k", type=int, default=8, help="router: atoms per question at most")
+    p.add_argument("--threshold", type=float, default=0.5, help="router: minimum weight (else refuse)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--serve-args", default="", help='extra `vllm serve` arguments, e.g. "--dtype float32"')
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser(
         "demo", help="compile example documents, serve them with vLLM, ask questions (the README's main job)")

@@ -88,72 +88,109 @@ def refine_atom(model, tokenizer, hooks: LoRAHooks, document: str, atom_text: st
     return before, after
 
 
-def compile_documents(documents: Mapping[str, str], checkpoint: str | Path, out: str | Path,
-                      model_dir: str | Path | None = None, overwrite: bool = False, mode: str = "amortized",
-                      refine: RefineConfig | None = None) -> tuple[AtomBank, dict]:
-    """Compile documents into a bank at `out`; returns the bank and timing stats."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class DocumentCompiler:
+    """A trained checkpoint loaded with its base model: turns one document at a time into bank-ready atoms."""
 
-    from vllm_doc2atom.encoders import SentenceTransformerEncoder
+    def __init__(self, checkpoint: str | Path, model_dir: str | Path | None = None, mode: str = "amortized",
+                 refine: RefineConfig | None = None, atomizer: str = "rules") -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import PACKAGED_MODELS, prepare_model
+        from vllm_doc2atom.encoders import SentenceTransformerEncoder
 
-    start = time.perf_counter()
-    compiler, meta = load_compiler(checkpoint)
-    model_name = str(model_dir or meta["train"]["model"])
-    model_dir = prepare_model(model_name) if model_name in PACKAGED_MODELS else Path(model_name)
-    base = BaseModelFingerprint.from_model_dir(model_dir)
-    diffs = compiler.config.fingerprint().differences(base)
-    if diffs:
-        raise ValueError(f"checkpoint {checkpoint} was trained for another base model: {'; '.join(diffs)}")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    projection = compiler.query_proj.detach().numpy()
-    sentences = SentenceTransformerEncoder()  # atom texts: raw embeddings, the compiler's key projection follows
-    encoder = sentences.with_projection(projection)  # questions, as the server will encode them
-    config = compiler.config
-    spec = BankSpec(base_model=base, targets=config.target_list(), micro_rank=config.micro_rank,
-                    lora_scaling=config.lora_scaling, key_encoder=encoder.identity, key_dim=config.key_dim,
-                    checkpoint=f"{Path(checkpoint).resolve().parent.name}@step{meta['step']}",
-                    router_head=asdict(compiler.head.export()))
-    if mode not in ("amortized", "optimize"):
-        raise ValueError(f"unknown compile mode {mode!r} (amortized or optimize)")
-    atomizer = RuleAtomizer()
-    hooks = LoRAHooks(model, config.target_list()) if mode == "optimize" else None
-    compiled, atom_count, kl_before, kl_after = [], 0, [], []
-    for doc_id, text in tqdm(documents.items(), desc=f"compile ({mode})", unit="doc"):
-        atoms = atomizer(doc_id, text)
+        from .models import PACKAGED_MODELS, prepare_model
+
+        if mode not in ("amortized", "optimize"):
+            raise ValueError(f"unknown compile mode {mode!r} (amortized or optimize)")
+        self.compiler, self.meta = load_compiler(checkpoint)
+        model_name = str(model_dir or self.meta["train"]["model"])
+        model_dir = prepare_model(model_name) if model_name in PACKAGED_MODELS else Path(model_name)
+        base = BaseModelFingerprint.from_model_dir(model_dir)
+        diffs = self.compiler.config.fingerprint().differences(base)
+        if diffs:
+            raise ValueError(f"checkpoint {checkpoint} was trained for another base model: {'; '.join(diffs)}")
+        self.mode, self.refine = mode, refine or RefineConfig()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.projection = self.compiler.query_proj.detach().numpy()
+        self.sentences = SentenceTransformerEncoder()  # atom texts: raw; the compiler's key projection follows
+        encoder = self.sentences.with_projection(self.projection)  # questions, as the server will encode them
+        config = self.compiler.config
+        self.targets = config.target_list()
+        self.spec = BankSpec(base_model=base, targets=self.targets, micro_rank=config.micro_rank,
+                             lora_scaling=config.lora_scaling, key_encoder=encoder.identity,
+                             key_dim=config.key_dim,
+                             checkpoint=f"{Path(checkpoint).resolve().parent.name}@step{self.meta['step']}",
+                             router_head=asdict(self.compiler.head.export()))
+        self.atomizer = _atomizer(atomizer)
+        self.hooks = LoRAHooks(self.model, self.targets) if mode == "optimize" else None
+        self.kl_before: list[float] = []
+        self.kl_after: list[float] = []
+
+    def __call__(self, doc_id: str, text: str) -> DocumentAtoms | None:
+        """Atoms of one document with their factors, gates and keys; None for a document without atoms."""
+        atoms = self.atomizer(doc_id, text)
         if not atoms:
             logger.warning("%s: no atoms (empty document?), skipped", doc_id)
-            continue
+            return None
         with torch.no_grad():
-            features = atom_features(model, tokenizer, text, [a.span for a in atoms], meta["encoder_layer"])
-            a, b, gates = compiler(features)
-        if hooks is not None:
+            features = atom_features(self.model, self.tokenizer, text, [a.span for a in atoms],
+                                     self.meta["encoder_layer"])
+            a, b, gates = self.compiler(features)
+        if self.hooks is not None:
             for i, atom in enumerate(atoms):
-                rows_a = {t: a[t][i].clone() for t in config.target_list()}
-                rows_b = {t: b[t][i].clone() for t in config.target_list()}
-                before, after = refine_atom(model, tokenizer, hooks, text, atom.text, config.target_list(),
-                                            rows_a, rows_b, gates[i] * config.lora_scaling,
-                                            refine or RefineConfig())
-                for t in config.target_list():
+                rows_a = {t: a[t][i].clone() for t in self.targets}
+                rows_b = {t: b[t][i].clone() for t in self.targets}
+                before, after = refine_atom(self.model, self.tokenizer, self.hooks, text, atom.text, self.targets,
+                                            rows_a, rows_b, gates[i] * self.compiler.config.lora_scaling,
+                                            self.refine)
+                for t in self.targets:
                     a[t][i], b[t][i] = rows_a[t].detach(), rows_b[t].detach()
                 if not math.isnan(before):
-                    kl_before.append(before)
-                    kl_after.append(after)
-        embeddings = torch.from_numpy(sentences.encode([x.retrieval_text or x.text for x in atoms]))
-        tensors = {f"A.{t.key}": a[t] for t in config.target_list()}
-        tensors |= {f"B.{t.key}": b[t] for t in config.target_list()}
-        tensors |= {"gates": gates, "keys": compiler.keys(embeddings)}
-        compiled.append(DocumentAtoms(doc_id, atoms, tensors))
-        atom_count += len(atoms)
-    bank = AtomBank.create(out, spec, compiled, overwrite=overwrite, query_projection=projection)
+                    self.kl_before.append(before)
+                    self.kl_after.append(after)
+        embeddings = torch.from_numpy(self.sentences.encode([x.retrieval_text or x.text for x in atoms]))
+        tensors = {f"A.{t.key}": a[t] for t in self.targets}
+        tensors |= {f"B.{t.key}": b[t] for t in self.targets}
+        tensors |= {"gates": gates, "keys": self.compiler.keys(embeddings)}
+        return DocumentAtoms(doc_id, atoms, tensors)
+
+    def create_bank(self, out: str | Path, compiled: list[DocumentAtoms], overwrite: bool = False) -> AtomBank:
+        return AtomBank.create(out, self.spec, compiled, overwrite=overwrite, query_projection=self.projection)
+
+
+def _atomizer(name: str):
+    if name == "rules":
+        return RuleAtomizer()
+    if name == "chunks":  # the d2l_raw baseline: fixed windows
+        from .atomize.chunks import ChunkAtomizer
+
+        return ChunkAtomizer()
+    raise ValueError(f"unknown atomizer {name!r} for compile (rules or chunks)")
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def compile_documents(documents: Mapping[str, str], checkpoint: str | Path, out: str | Path,
+                      model_dir: str | Path | None = None, overwrite: bool = False, mode: str = "amortized",
+                      refine: RefineConfig | None = None, atomizer: str = "rules") -> tuple[AtomBank, dict]:
+    """Compile documents into a bank at `out`; returns the bank and timing stats."""
+    start = time.perf_counter()
+    compile_one = DocumentCompiler(checkpoint, model_dir, mode, refine, atomizer)
+    loaded = time.perf_counter()
+    compiled = [c for doc_id, text in tqdm(documents.items(), desc=f"compile ({mode})", unit="doc")
+                if (c := compile_one(doc_id, text)) is not None]
+    bank = compile_one.create_bank(out, compiled, overwrite=overwrite)
     seconds = time.perf_counter() - start
+    atom_count = sum(len(c.atoms) for c in compiled)
     stats = {"mode": mode, "documents": len(compiled), "atoms": atom_count, "seconds": round(seconds, 2),
-             "atoms_per_second": round(atom_count / max(seconds, 1e-9), 1),
-             "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if kl_before:  # optimize mode: how much closer the atoms' adapters got to the teacher
-        stats["context_kl_before"] = round(sum(kl_before) / len(kl_before), 4)
-        stats["context_kl_after"] = round(sum(kl_after) / len(kl_after), 4)
+             "load_seconds": round(loaded - start, 2),
+             "seconds_per_document": round((seconds - (loaded - start)) / max(len(compiled), 1), 3),
+             "atoms_per_second": round(atom_count / max(seconds, 1e-9), 1), "peak_memory_mb": peak_memory_mb()}
+    if compile_one.kl_before:  # optimize mode: how much closer the atoms' adapters got to the teacher
+        stats["context_kl_before"] = round(sum(compile_one.kl_before) / len(compile_one.kl_before), 4)
+        stats["context_kl_after"] = round(sum(compile_one.kl_after) / len(compile_one.kl_after), 4)
     logger.info("compiled %s", stats)
     return bank, stats

@@ -88,10 +88,10 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
     splits = {doc_id: split_of(doc_id) for doc_id in corpus.documents}
 
     config.out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(config.out / "documents.jsonl",
+    write_jsonl(config.out / "documents.jsonl",
                  ({**asdict(doc), "split": splits[doc.id]} for doc in corpus.documents.values()))
-    _write_jsonl(config.out / "atoms.jsonl", (a.to_dict() for doc_atoms in atoms.values() for a in doc_atoms))
-    _write_jsonl(config.out / "questions.jsonl", (
+    write_jsonl(config.out / "atoms.jsonl", (a.to_dict() for doc_atoms in atoms.values() for a in doc_atoms))
+    write_jsonl(config.out / "questions.jsonl", (
         {**q.to_dict(), "split": splits[q.document_id],
          "labels": label_question(q, atoms[q.document_id], corpus.documents[q.document_id].text).to_dict()}
         for q in questions))
@@ -126,7 +126,7 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
     return manifest
 
 
-def _write_jsonl(path: Path, rows) -> None:
+def write_jsonl(path: Path, rows) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:

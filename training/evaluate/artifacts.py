@@ -1,0 +1,93 @@
+"""What each method serves, compiled from the held-out documents: per-document atom banks for the routed
+methods, one monolithic PEFT LoRA per document for the Doc-to-LoRA baselines (all of its atoms, weight 1).
+
+Each method compiles in a fresh process, so its peak memory is measured alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ROUTED = ("doc2atom", "doc2atom_optimize")
+MONOLITHIC = ("d2l_raw", "d2l_atom")
+NO_ARTIFACT = ("base", "icl")
+METHODS = ("base", "icl", "d2l_raw", "d2l_atom", "doc2atom", "doc2atom_optimize")
+
+
+@dataclass(frozen=True)
+class MethodRecipe:
+    checkpoint: str
+    mode: str = "amortized"
+    atomizer: str = "rules"
+
+
+def artifact_name(method: str, document_id: str) -> str:
+    """Bank name (routed) or LoRA name (monolithic) of one document: plain characters whatever the id."""
+    return f"{method}/{hashlib.sha256(document_id.encode()).hexdigest()[:16]}"
+
+
+def lora_name(method: str, document_id: str) -> str:
+    return artifact_name(method, document_id).replace("/", "-")
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def compile_method(method: str, recipe: MethodRecipe, documents: dict[str, str], work_dir: Path,
+                   max_rank: int) -> dict:
+    """Compile every document for one method under work_dir (banks/ or adapters/); return its costs."""
+    import torch
+
+    from vllm_doc2atom.composer import compose, save_peft_adapter
+
+    from ..compile import DocumentCompiler, RefineConfig, peak_memory_mb
+
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    compiler = DocumentCompiler(recipe.checkpoint, mode=recipe.mode, atomizer=recipe.atomizer,
+                                refine=RefineConfig())
+    seconds, sizes, dropped = [], [], 0
+    for doc_id, text in documents.items():
+        start = time.perf_counter()
+        compiled = compiler(doc_id, text)
+        if compiled is None:
+            continue
+        bank_dir = work_dir / ("banks" if method in ROUTED else "monolithic-banks") / artifact_name(method, doc_id)
+        bank = compiler.create_bank(bank_dir, [compiled], overwrite=True)
+        if method in MONOLITHIC:  # Doc-to-LoRA: the whole document as one adapter, no routing
+            adapter = compose(bank, [(row, 1.0) for row in range(len(bank))], max_rank)
+            dropped += len(adapter.dropped)
+            folder = save_peft_adapter(adapter, work_dir / "adapters" / method)
+            target = folder.with_name(lora_name(method, doc_id))
+            if target.exists():
+                import shutil
+
+                shutil.rmtree(target)
+            folder.rename(target)
+            sizes.append(folder_bytes(target))
+        else:
+            sizes.append(folder_bytes(bank_dir))
+        seconds.append(time.perf_counter() - start)
+    return {"documents": len(seconds), "compile_seconds_per_document": round(sum(seconds) / max(len(seconds), 1), 3),
+            "compile_peak_memory_mb": peak_memory_mb(), "bytes_per_document": round(sum(sizes) / max(len(sizes), 1)),
+            "atoms_dropped_for_rank": dropped, "checkpoint": recipe.checkpoint, "mode": recipe.mode,
+            "atomizer": recipe.atomizer}
+
+
+def compile_all(recipes: dict[str, MethodRecipe], documents: dict[str, str], work_dir: Path,
+                max_rank: int) -> dict[str, dict]:
+    costs = {}
+    for method, recipe in recipes.items():
+        logger.info("compiling %d documents for %s", len(documents), method)
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            costs[method] = pool.submit(compile_method, method, recipe, documents, work_dir, max_rank).result()
+        logger.info("%s: %s", method, costs[method])
+    return costs

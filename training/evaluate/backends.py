@@ -1,0 +1,157 @@
+"""Two ways to get a method's answer to a question: the real served path (`vllm serve --plugin doc2atom`,
+queried with the openai SDK: what the README reports) and transformers+PEFT in this process (fast iteration,
+no server). Both build the same prompts and use the same banks and adapters."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..data.teacher import teacher_messages
+from .artifacts import MONOLITHIC, ROUTED, artifact_name, lora_name
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Reply:
+    text: str
+    flagged_refusal: bool  # doc2atom refused (no atom covers the question): no model call
+    seconds: float
+    atoms: int = 0  # atoms composed (routed methods)
+
+
+def messages_for(method: str, document: str, question: str) -> list[dict[str, str]]:
+    """ICL reads the document exactly as the teacher did; every other method sees the question alone."""
+    if method == "icl":
+        return teacher_messages(document, question)
+    return [{"role": "user", "content": question}]
+
+
+class Backend(Protocol):
+    def answer(self, method: str, document_id: str, document: str, question: str) -> Reply: ...
+
+
+class ServedBackend:
+    """A running `vllm serve MODEL --plugin doc2atom` over work_dir/banks, the monolithic LoRAs registered
+    with `--lora-modules`. Use as a context manager: the server lives as long as the `with` block."""
+
+    def __init__(self, model_dir: Path, work_dir: Path, max_tokens: int, max_lora_rank: int,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.model_dir, self.work_dir, self.max_tokens = model_dir, work_dir, max_tokens
+        self.max_lora_rank, self.extra_args = max_lora_rank, extra_args
+        self._server = None
+
+    def __enter__(self) -> ServedBackend:
+        import openai
+
+        from ..serve_process import vllm_server
+
+        adapters = sorted((self.work_dir / "adapters").glob("*/*")) if (self.work_dir / "adapters").exists() else []
+        context = json.loads((self.model_dir / "config.json").read_text()).get("max_position_embeddings", 2048)
+        # ICL needs the whole document in the prompt: the model's full context, within reason on a CPU
+        args = ["--max-lora-rank", str(self.max_lora_rank), "--max-model-len", str(min(context, 8192)),
+                *self.extra_args]
+        if adapters:
+            args += ["--lora-modules", *(f"{p.name}={p}" for p in adapters)]
+        (self.work_dir / "banks").mkdir(parents=True, exist_ok=True)
+        self._server = vllm_server(self.model_dir, self.work_dir / "banks", self.work_dir / "serve.log", args)
+        url = self._server.__enter__()
+        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+        self.base_model = self.client.models.list().data[0].id
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.__exit__(*exc)
+
+    def answer(self, method: str, document_id: str, document: str, question: str) -> Reply:
+        model, extra = self.base_model, {}
+        if method in ROUTED:
+            extra = {"atom_bank": artifact_name(method, document_id)}
+        elif method in MONOLITHIC:
+            model = lora_name(method, document_id)
+        start = time.perf_counter()
+        reply = self.client.chat.completions.create(
+            model=model, messages=messages_for(method, document, question), max_tokens=self.max_tokens,
+            temperature=0, extra_body=extra or None)
+        seconds = time.perf_counter() - start
+        provenance = (reply.model_extra or {}).get("doc2atom") or {}
+        return Reply(reply.choices[0].message.content or "", bool(provenance.get("refused")), seconds,
+                     len(provenance.get("atoms", [])))
+
+
+class TransformersBackend:
+    """transformers + PEFT in this process: the router and composer of the plugin, an adapter per answer."""
+
+    def __init__(self, model_dir: Path, work_dir: Path, max_tokens: int, max_lora_rank: int, top_k: int,
+                 threshold: float) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from vllm_doc2atom.bank_store import BankStore
+        from vllm_doc2atom.router import RouterConfig
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.work_dir, self.max_tokens, self.max_lora_rank = work_dir, max_tokens, max_lora_rank
+        self.banks = BankStore(work_dir / "banks")
+        self.router_config = RouterConfig(top_k=top_k, threshold=threshold)
+        self.routers: dict[str, object] = {}
+        self.scratch = Path(tempfile.mkdtemp(prefix="doc2atom-eval-adapters-"))
+
+    def __enter__(self) -> TransformersBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def answer(self, method: str, document_id: str, document: str, question: str) -> Reply:
+        start = time.perf_counter()
+        adapter, atoms = None, 0
+        if method in ROUTED:
+            from vllm_doc2atom.composer import compose, save_peft_adapter
+
+            bank = self.banks.get(artifact_name(method, document_id))
+            result = self._router(bank).route(bank, question)
+            if result.refused:
+                from vllm_doc2atom.settings import DEFAULT_REFUSAL
+
+                return Reply(DEFAULT_REFUSAL, True, time.perf_counter() - start)
+            composed = compose(bank, result.selection, self.max_lora_rank)
+            adapter, atoms = save_peft_adapter(composed, self.scratch), len(composed.used)
+        elif method in MONOLITHIC:
+            adapter = self.work_dir / "adapters" / method / lora_name(method, document_id)
+        text = self._generate(messages_for(method, document, question), adapter)
+        return Reply(text, False, time.perf_counter() - start, atoms)
+
+    def _router(self, bank):
+        from vllm_doc2atom.encoders import encoder_for
+        from vllm_doc2atom.router import Router
+
+        identity = bank.spec.key_encoder
+        if identity not in self.routers:
+            self.routers[identity] = Router(encoder_for(bank), self.router_config)
+        return self.routers[identity]
+
+    def _generate(self, messages: list[dict[str, str]], adapter: Path | None) -> str:
+        import torch
+        from peft import PeftModel
+
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)["input_ids"]
+        model = PeftModel.from_pretrained(self.model, adapter) if adapter else self.model
+        try:
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, max_new_tokens=self.max_tokens, do_sample=False,
+                                     pad_token_id=self.tokenizer.eos_token_id)
+        finally:
+            if adapter:
+                model.unload()  # back to the plain base model for the next answer
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
