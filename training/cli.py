@@ -91,9 +91,10 @@ def _parse_setting(current, value: str):
 
 def _compile(args: argparse.Namespace) -> int:
     from .compile import RefineConfig, compile_documents, read_documents
+    from .shipped import shipped_checkpoint
 
     documents = read_documents(args.documents)
-    bank, stats = compile_documents(documents, args.checkpoint, args.out, model_dir=args.model,
+    bank, stats = compile_documents(documents, args.checkpoint or shipped_checkpoint(), args.out, model_dir=args.model,
                                     overwrite=args.overwrite, mode=args.mode, atomizer=args.atomizer,
                                     refine=RefineConfig(steps=args.refine_steps, lr=args.refine_lr))
     print(json.dumps({"bank": str(bank.path), **stats}, indent=2))
@@ -119,10 +120,12 @@ def _eval(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .models import prepare_model
+    from .shipped import shipped_checkpoint
 
     model_dir = prepare_model(cache_dir=args.cache_dir)
     print(f"base model: {model_dir}")
-    return 0 if run_demo(model_dir) else 1
+    checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint()
+    return 0 if run_demo(model_dir, checkpoint, keep=args.keep) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile documents into an atom bank with a trained checkpoint")
     p.add_argument("documents", nargs="+", help=".txt/.md files (id = file name) or .jsonl of {id, text}")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder written by `doc2atom train`")
+    p.add_argument("--checkpoint", help="a checkpoint folder written by `doc2atom train` (default: the shipped "
+                                        "checkpoint of the default base model)")
     p.add_argument("--out", required=True, help="bank folder to write")
     p.add_argument("--model", help="base model folder (default: the one the checkpoint was trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bank")
@@ -233,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="compile example documents, serve them with vLLM, ask questions (the README's main job)")
     p.add_argument("--cache-dir", help="model cache folder")
+    p.add_argument("--checkpoint", help="compiler checkpoint (default: the shipped one)")
+    p.add_argument("--keep", action="store_true", help="keep the bank and the server log")
     p.set_defaults(func=_demo)
     return parser
 
