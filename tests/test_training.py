@@ -145,6 +145,17 @@ def test_train_cli_checkpoint_round_trip_and_resume(tmp_path, dataset, tiny_mode
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert load_compiler(checkpoint)[1]["step"] == 6
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))  # curves for TensorBoard
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "CARD.md").write_text("card")
+    assert main(["checkpoint", "export", str(checkpoint), str(shipped)]) == 0
+    exported, _ = load_compiler(shipped)
+    latest, _ = load_compiler(checkpoint)
+    assert all(torch.equal(x, y) for x, y in zip(latest(features)[2], exported(features)[2]))
+    assert (shipped / "CARD.md").read_text() == "card"  # files the export does not write are kept
+    size = (shipped / "compiler.safetensors").stat().st_size
+    assert size < 0.5 * (checkpoint / "compiler.safetensors").stat().st_size  # no optimizer moments
     with pytest.raises(ValueError, match="unknown settings"):
         config.write_text(yaml.safe_dump({"data": "x", "stepz": 3}))
         TrainConfig.from_file(config)

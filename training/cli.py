@@ -48,6 +48,13 @@ def _bank_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_export(args: argparse.Namespace) -> int:
+    from .trainer import export_checkpoint
+
+    print(export_checkpoint(args.checkpoint, args.out))
+    return 0
+
+
 def _data_build(args: argparse.Namespace) -> int:
     from .data.build import BuildConfig, build_dataset
     from .models import PACKAGED_MODELS, prepare_model
@@ -160,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bank")
     p.add_argument("document_ids", nargs="+")
     p.set_defaults(func=_bank_remove)
+
+    checkpoint = sub.add_parser("checkpoint", help="trained checkpoints").add_subparsers(dest="action",
+                                                                                          required=True)
+    p = checkpoint.add_parser("export", help="copy a checkpoint without its optimizer state (for shipping)")
+    p.add_argument("checkpoint", help="a checkpoint folder written by `doc2atom train`")
+    p.add_argument("out", help="folder to write (files already there that the export does not write, e.g. a "
+                               "card, are kept)")
+    p.set_defaults(func=_checkpoint_export)
 
     data = sub.add_parser("data", help="training data").add_subparsers(dest="action", required=True)
     p = data.add_parser("build", help="atoms, probes, labels, splits and teacher targets from one source",

@@ -527,6 +527,27 @@ def load_compiler(path: str | Path) -> tuple[MemoryCompiler, dict[str, Any]]:
     return compiler.eval(), meta
 
 
+def export_checkpoint(source: str | Path, out: str | Path) -> Path:
+    """An inference-only copy (weights + configs, no optimizer moments: a third of the size) for shipping."""
+    source, out = Path(source), Path(out)
+    meta = json.loads((source / "checkpoint.json").read_text())
+    tensors = {k: v for k, v in load_file(str(source / "compiler.safetensors")).items() if k.startswith("model.")}
+    meta = {**meta, "optimizer_steps": {}, "exported_from": f"{source.resolve().parent.name}@step{meta['step']}"}
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "compiler.safetensors"))
+    (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for extra in out.glob("*") if out.exists() else []:  # keep what else lives there (a card)
+        if not (tmp / extra.name).exists():
+            shutil.copy2(extra, tmp / extra.name)
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
 def load_training_state(path: Path, compiler: MemoryCompiler, optimizer: torch.optim.Optimizer) -> int:
     loaded, meta = load_compiler(path)
     compiler.load_state_dict(loaded.state_dict())
