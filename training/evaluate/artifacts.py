@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -45,13 +46,10 @@ def folder_bytes(path: Path) -> int:
 def compile_method(method: str, recipe: MethodRecipe, documents: dict[str, str], work_dir: Path,
                    max_rank: int) -> dict:
     """Compile every document for one method under work_dir (banks/ or adapters/); return its costs."""
-    import torch
-
     from vllm_doc2atom.composer import compose, save_peft_adapter
 
     from ..compile import DocumentCompiler, RefineConfig, peak_memory_mb
 
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     compiler = DocumentCompiler(recipe.checkpoint, mode=recipe.mode, atomizer=recipe.atomizer,
                                 refine=RefineConfig())
     seconds, sizes, dropped = [], [], 0
@@ -67,10 +65,7 @@ def compile_method(method: str, recipe: MethodRecipe, documents: dict[str, str],
             dropped += len(adapter.dropped)
             folder = save_peft_adapter(adapter, work_dir / "adapters" / method)
             target = folder.with_name(lora_name(method, doc_id))
-            if target.exists():
-                import shutil
-
-                shutil.rmtree(target)
+            shutil.rmtree(target, ignore_errors=True)
             folder.rename(target)
             sizes.append(folder_bytes(target))
         else:
