@@ -223,6 +223,7 @@ def test_validation_reports_routing_and_answer_loss_with_and_without_atoms(setup
     assert set(everything) == set(VALIDATION_COLUMNS)
     assert everything["gold_recall"] == 1.0 and everything["false_refusals"] == everything["probe_refusals"] == 0
     assert abs(everything["answer_ce_gold"] - everything["answer_ce_base"]) < 1e-2  # untrained: near no-op
+    assert abs(everything["answer_ce_document"] - everything["answer_ce_base"]) < 1e-2
     nothing = validate(distiller, items, k=100, threshold=1.01)
     assert nothing["false_refusals"] == nothing["probe_refusals"] == 1.0 and math.isnan(nothing["answer_ce_routed"])
 

@@ -442,14 +442,15 @@ def curriculum(config: TrainConfig, step: int) -> tuple[int, int]:
     return 1, min(config.top_k, 2 + int(progress * (config.top_k - 1)))
 
 
-VALIDATION_COLUMNS = ["answer_ce_routed", "answer_ce_gold", "answer_ce_base", "gold_recall", "false_refusals",
-                      "probe_refusals"]
+VALIDATION_COLUMNS = ["answer_ce_routed", "answer_ce_gold", "answer_ce_document", "answer_ce_base", "gold_recall",
+                      "false_refusals", "probe_refusals"]
 
 
 @torch.no_grad()
 def validate(distiller: Distiller, items: list[QuestionItem], k: int, threshold: float = 0.5) -> dict[str, float]:
     """Inference-like check on held-out documents: route each question over its document's atoms (kept: weight
-    >= threshold, at most k), then answer CE with those atoms, with the gold atoms, and with no adapter."""
+    >= threshold, at most k), then answer CE with those atoms, with the gold atoms, with all the document's atoms
+    at weight 1 (what the d2l_atom baseline serves), and with no adapter."""
     table, compiler = distiller.table, distiller.compiler
     answerable = [q for q in items if q.student is not None][:64]
     probes = [q for q in items if q.student is None][:64]
@@ -466,16 +467,20 @@ def validate(distiller: Distiller, items: list[QuestionItem], k: int, threshold:
            "probe_refusals": sum(not kept for q, kept, _ in routed if q.student is None) / max(1, len(probes))}
     with_atoms = [(q, kept, w) for q, kept, w in routed if q.student is not None and kept]
     if not answerable:
-        return {**out, "answer_ce_routed": math.nan, "answer_ce_gold": math.nan, "answer_ce_base": math.nan}
+        return {**out, "answer_ce_routed": math.nan, "answer_ce_gold": math.nan, "answer_ce_document": math.nan,
+                "answer_ce_base": math.nan}
     rows = sorted({r for q in answerable for r in table.document_rows[q.document_id]})
     local = {r: i for i, r in enumerate(rows)}
     a, b, gates = compiler(table.features[rows])
     tokens = torch.cat([q.student.answer_tokens for q in answerable])
     one = gates.new_ones(())
     gold = distiller._student_logits(answerable, [[(local[r], one) for r in q.gold] for q in answerable], a, b, gates)
+    document = distiller._student_logits(
+        answerable, [[(local[r], one) for r in table.document_rows[q.document_id]] for q in answerable], a, b, gates)
     hidden = distiller._run([q.student.hidden for q in answerable], None)
     base = distiller.model.lm_head(torch.cat([hidden[i, q.student.answer_positions] for i, q in enumerate(answerable)]))
     out["answer_ce_gold"] = float(losses.answer_ce(gold, tokens))
+    out["answer_ce_document"] = float(losses.answer_ce(document, tokens))
     out["answer_ce_base"] = float(losses.answer_ce(base, tokens))
     if with_atoms:
         logits = distiller._student_logits([q for q, _, _ in with_atoms],
