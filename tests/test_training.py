@@ -150,7 +150,8 @@ def test_train_cli_checkpoint_round_trip_and_resume(tmp_path, dataset, tiny_mode
     shipped.mkdir()
     (shipped / "CARD.md").write_text("card")
     assert main(["checkpoint", "export", str(checkpoint), str(shipped)]) == 0
-    exported, _ = load_compiler(shipped)
+    exported, exported_meta = load_compiler(shipped)
+    assert "/" not in exported_meta["train"]["data"] + exported_meta["train"]["out"]  # no machine paths shipped
     latest, _ = load_compiler(checkpoint)
     assert all(torch.equal(x, y) for x, y in zip(latest(features)[2], exported(features)[2]))
     assert (shipped / "CARD.md").read_text() == "card"  # files the export does not write are kept

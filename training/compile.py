@@ -119,7 +119,8 @@ class DocumentCompiler:
         self.spec = BankSpec(base_model=base, targets=self.targets, micro_rank=config.micro_rank,
                              lora_scaling=config.lora_scaling, key_encoder=encoder.identity,
                              key_dim=config.key_dim,
-                             checkpoint=f"{Path(checkpoint).resolve().parent.name}@step{self.meta['step']}",
+                             checkpoint=self.meta.get("exported_from")
+                             or f"{Path(checkpoint).resolve().parent.name}@step{self.meta['step']}",
                              router_head=asdict(self.compiler.head.export()))
         self.atomizer = _atomizer(atomizer)
         self.hooks = LoRAHooks(self.model, self.targets) if mode == "optimize" else None

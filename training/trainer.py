@@ -537,7 +537,10 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
     source, out = Path(source), Path(out)
     meta = json.loads((source / "checkpoint.json").read_text())
     tensors = {k: v for k, v in load_file(str(source / "compiler.safetensors")).items() if k.startswith("model.")}
-    meta = {**meta, "optimizer_steps": {}, "exported_from": f"{source.resolve().parent.name}@step{meta['step']}"}
+    # Shipped files must not name the trainer's machine: keep only the folder names of data and out.
+    train = {**meta["train"], "data": Path(meta["train"]["data"]).name, "out": Path(meta["train"]["out"]).name}
+    meta = {**meta, "train": train, "optimizer_steps": {},
+            "exported_from": f"{source.resolve().parent.name}@step{meta['step']}"}
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "compiler.safetensors"))
