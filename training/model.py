@@ -103,10 +103,11 @@ class LearnedRouterHead(nn.Module):
                 + self.answer_bearing_bias * answer_bearing + self.confidence_scale * (confidence - 1.0))
 
     def export(self) -> RouterHead:
-        return RouterHead(sim_scale=float(self.sim_scale), sim_center=float(self.sim_center),
-                          type_bias={t: float(b) for t, b in zip(ATOM_TYPES, self.type_bias)},
-                          answer_bearing_bias=float(self.answer_bearing_bias),
-                          confidence_scale=float(self.confidence_scale), metadata=True)
+        value = lambda t: float(t.detach())  # noqa: E731  (parameters: detached, no autograd warning)
+        return RouterHead(sim_scale=value(self.sim_scale), sim_center=value(self.sim_center),
+                          type_bias={t: value(b) for t, b in zip(ATOM_TYPES, self.type_bias)},
+                          answer_bearing_bias=value(self.answer_bearing_bias),
+                          confidence_scale=value(self.confidence_scale), metadata=True)
 
 
 def _param_name(target: Target) -> str:
