@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--checkpoint", help="default: the shipped checkpoint")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--prefix-caching", action="store_true",
+                        help="keep vLLM's prefix cache on: repeated questions about one document then reuse its "
+                             "KV cache (off by default, so every question pays for reading, as with many documents)")
     args = parser.parse_args()
 
     model_dir = prepare_model()
@@ -104,7 +107,8 @@ def main() -> None:
         print(f"{size} tokens: {stats['atoms']} atoms, compiled in {stats['seconds']:.1f} s")
 
     rows = []
-    with vllm_server(model_dir, work / "banks", work / "serve.log", ["--max-model-len", str(context)]) as url:
+    server_args = ["--max-model-len", str(context)] + ([] if args.prefix_caching else ["--no-enable-prefix-caching"])
+    with vllm_server(model_dir, work / "banks", work / "serve.log", server_args) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=900)
         model = client.models.list().data[0].id
         ask(client, model, [{"role": "user", "content": "Hello"}], None, 2)  # warm-up

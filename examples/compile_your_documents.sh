@@ -18,4 +18,4 @@ trap 'kill $server' EXIT
 until curl -sf http://127.0.0.1:8000/health >/dev/null; do sleep 2; done
 "$bin/python" "$(dirname "$0")/openai_client.py" --bank "$name" "${QUESTION:-What is this document about?}"
 # Add or drop documents later without recompiling the rest:
-#   doc2atom compile new.md --out banks/new-part ; doc2atom bank remove banks/mydocs DOC_ID
+#   doc2atom compile new.md --out "$root/$name" --add ;  doc2atom bank remove "$root/$name" DOC_ID

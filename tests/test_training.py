@@ -184,6 +184,15 @@ def test_compile_route_compose_and_peft_match_the_training_path(tmp_path, datase
     assert main(["compile", *docs, "--checkpoint", checkpoint, "--out", str(tmp_path / "bank")]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["documents"] == 3 and stats["atoms"] > 10 and stats["atoms_per_second"] > 0
+    # --add: one more document into the existing bank, the others' shards untouched
+    shards = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "bank" / "shards").iterdir()}
+    extra = tmp_path / "extra.md"
+    extra.write_text("The Okra Bridge spans the river Tamsel. It was opened in 1911.")
+    assert main(["compile", str(extra), "--checkpoint", checkpoint, "--out", str(tmp_path / "bank"), "--add"]) == 0
+    capsys.readouterr()
+    grown = AtomBank.load(tmp_path / "bank")
+    assert len(grown.document_ids) == 4 and len(grown) > stats["atoms"]
+    assert all((tmp_path / "bank" / "shards" / name).stat().st_mtime_ns == t for name, t in shards.items())
     # optimize mode: context distillation brings each atom's adapter closer to the document-reading teacher
     assert main(["compile", docs[0], "--checkpoint", checkpoint, "--out", str(tmp_path / "optimized"),
                  "--mode", "optimize", "--refine-steps", "6", "--refine-lr", "1e-2"]) == 0

@@ -102,7 +102,7 @@ def _compile(args: argparse.Namespace) -> int:
 
     documents = read_documents(args.documents)
     bank, stats = compile_documents(documents, args.checkpoint or shipped_checkpoint(), args.out, model_dir=args.model,
-                                    overwrite=args.overwrite, mode=args.mode, atomizer=args.atomizer,
+                                    overwrite=args.overwrite, mode=args.mode, atomizer=args.atomizer, add=args.add,
                                     refine=RefineConfig(steps=args.refine_steps, lr=args.refine_lr))
     print(json.dumps({"bank": str(bank.path), **stats}, indent=2))
     return 0
@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bank folder to write")
     p.add_argument("--model", help="base model folder (default: the one the checkpoint was trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bank")
+    p.add_argument("--add", action="store_true", help="add the documents to the existing bank at --out (same "
+                                                      "checkpoint; a document with the same id is replaced)")
     p.add_argument("--mode", choices=["amortized", "optimize"], default="amortized",
                    help="amortized: one compiler pass per atom; optimize: then refine each atom's micro-LoRA by "
                         "context distillation against the base model reading the document (slower)")

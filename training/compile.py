@@ -76,13 +76,15 @@ def refine_atom(model, tokenizer, hooks: LoRAHooks, document: str, atom_text: st
             student = model(student_ids).logits[0, len(prefix) - 1:-1]
         return losses.logits_kl(teacher, student)
 
-    before = float(kl())
+    with torch.no_grad():
+        before = float(kl())
     for _ in range(config.steps):
         loss = kl()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    after = float(kl())
+    with torch.no_grad():
+        after = float(kl())
     for p in params:
         p.requires_grad_(False)
     return before, after
@@ -176,14 +178,24 @@ def peak_memory_mb() -> float:
 
 def compile_documents(documents: Mapping[str, str], checkpoint: str | Path, out: str | Path,
                       model_dir: str | Path | None = None, overwrite: bool = False, mode: str = "amortized",
-                      refine: RefineConfig | None = None, atomizer: str = "rules") -> tuple[AtomBank, dict]:
-    """Compile documents into a bank at `out`; returns the bank and timing stats."""
+                      refine: RefineConfig | None = None, atomizer: str = "rules",
+                      add: bool = False) -> tuple[AtomBank, dict]:
+    """Compile documents into a bank at `out` (or, with `add`, into the existing bank there, replacing documents
+    of the same id; the other shards stay untouched). Returns the bank and timing stats."""
     start = time.perf_counter()
     compile_one = DocumentCompiler(checkpoint, model_dir, mode, refine, atomizer)
     loaded = time.perf_counter()
     compiled = [c for doc_id, text in tqdm(documents.items(), desc=f"compile ({mode})", unit="doc")
                 if (c := compile_one(doc_id, text)) is not None]
-    bank = compile_one.create_bank(out, compiled, overwrite=overwrite)
+    if add and Path(out).exists():
+        bank = AtomBank.load(out)
+        if bank.spec != compile_one.spec:
+            raise ValueError(f"bank {out} was compiled with checkpoint {bank.spec.checkpoint}, not "
+                             f"{compile_one.spec.checkpoint}: its atoms could not be composed together; "
+                             "compile into a new bank instead")
+        bank = bank.add_documents(compiled, replace=True)
+    else:
+        bank = compile_one.create_bank(out, compiled, overwrite=overwrite)
     seconds = time.perf_counter() - start
     atom_count = sum(len(c.atoms) for c in compiled)
     stats = {"mode": mode, "documents": len(compiled), "atoms": atom_count, "seconds": round(seconds, 2),

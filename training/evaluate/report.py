@@ -41,7 +41,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
-    """Grouped bars: answer F1 and refusal F1 per method, one group per dataset."""
+    """Grouped bars: answer F1, containment and refusal F1 per method, one group per dataset."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
@@ -49,10 +49,11 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
     methods = list(results["methods"])
     datasets = list(next(iter(results["methods"].values()))["datasets"]) if methods else []
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
     width = 0.8 / max(len(methods), 1)
     for ax, (title, key) in zip(axes, [("answer F1 (answerable questions)", "f1"),
-                                       ("refusal F1 (off-topic + unanswerable probes)", "refusal_f1")]):
+                                       ("gold answer inside the reply (%)", "contains"),
+                                       ("refusal F1 (off-topic + unanswerable)", "refusal_f1")]):
         for i, method in enumerate(methods):
             values = [results["methods"][method]["datasets"][d][key] or 0.0 for d in datasets]
             ax.bar([x + i * width for x in range(len(datasets))], values, width, label=method)
@@ -61,7 +62,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("score (0-100)")
-    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     settings = results["settings"]
     fig.suptitle(f"doc2atom eval: {settings['model_dir']}, {settings['backend']} backend, {settings['split']} split")
     fig.tight_layout()
