@@ -149,7 +149,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     write_jsonl(out / "replies.jsonl", rows)
 
     results: dict[str, Any] = {"settings": {**asdict(config), "model_dir": model_dir.name},
-                               "skipped": skipped, "compile": costs, "methods": {}}
+                               "skipped": skipped, "methods": {}}
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         per_dataset = {name: summarize([r for r in mine if r["dataset"] == name]) for name, _, _ in datasets}
