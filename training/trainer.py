@@ -515,6 +515,11 @@ def save_checkpoint(path: Path, compiler: MemoryCompiler, optimizer: torch.optim
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "compiler.safetensors"))
     (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _swap_in(tmp, path)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Replace the folder `path` by `tmp` with renames only: a reader sees the old or the new, never a mix."""
     old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
     if path.exists():
         path.rename(old)
@@ -548,11 +553,7 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
     for extra in out.glob("*") if out.exists() else []:  # keep what else lives there (a card)
         if not (tmp / extra.name).exists():
             shutil.copy2(extra, tmp / extra.name)
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    _swap_in(tmp, out)
     return out
 
 
