@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .bank import AtomBank
 from .errors import BankError
 from .openai_io import ROUTED_PATHS, RequestError, error_body, extract_question, refusal_body, refusal_events
 
@@ -44,18 +43,7 @@ class _Runtime:
     settings: Any  # ServeSettings
     banks: Any  # BankStore
     registry: Any  # AdapterRegistry
-    routers: dict[str, Any]  # key-encoder identity -> Router
-
-    def route(self, bank: AtomBank, question: str):
-        from .encoders import encoder_for
-        from .router import Router, RouterConfig
-
-        identity = bank.spec.key_encoder
-        if identity not in self.routers:
-            s = self.settings
-            self.routers[identity] = Router(encoder_for(bank),
-                                            RouterConfig(top_k=s.top_k, threshold=s.threshold, stage2=s.stage2))
-        return self.routers[identity].route(bank, question)
+    routers: Any  # RouterPool
 
 
 class Doc2AtomMiddleware:
@@ -115,7 +103,7 @@ class Doc2AtomMiddleware:
         question = extract_question(kind, payload)
         bank = await asyncio.to_thread(rt.banks.get, bank_name)
         start = time.perf_counter()
-        result = await asyncio.to_thread(rt.route, bank, question)
+        result = await asyncio.to_thread(rt.routers.route, bank, question)
         _metrics().route_seconds.observe(time.perf_counter() - start)
         provenance: dict[str, Any] = {"atom_bank": bank_name, "refused": result.refused,
                                       "atoms": [r.provenance() for r in result.kept]}
@@ -204,6 +192,7 @@ class Doc2AtomMiddleware:
             from .adapter_registry import AdapterRegistry
             from .bank_store import BankStore
             from .fingerprint import BaseModelFingerprint
+            from .router import RouterConfig, RouterPool
 
             state = scope["app"].state
             settings = self._settings(scope)
@@ -211,7 +200,9 @@ class Doc2AtomMiddleware:
                                                       name=str(state.args.model))
             registry = AdapterRegistry(settings.adapter_dir, settings.adapter_cache_size, state.engine_client,
                                        state.openai_serving_models, remove_from_engine=not settings.shared_engine)
-            self._runtime = _Runtime(settings, BankStore(settings.bank_root, served), registry, {})
+            routers = RouterPool(RouterConfig(top_k=settings.top_k, threshold=settings.threshold,
+                                              stage2=settings.stage2))
+            self._runtime = _Runtime(settings, BankStore(settings.bank_root, served), registry, routers)
             _log_like_vllm()
             logger.info("doc2atom: serving banks under %s (adapters in %s)", settings.bank_root, settings.adapter_dir)
         return self._runtime

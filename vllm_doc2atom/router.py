@@ -162,3 +162,20 @@ class Router:
         if cfg.max_atoms is not None:
             kept = kept[: cfg.max_atoms]
         return RoutingResult(query=query, kept=kept, candidates=candidates)
+
+
+class RouterPool:
+    """One Router per key space: each bank is routed with the encoder its keys were made with (its own
+    trained query projection, or the plain sentence encoder)."""
+
+    def __init__(self, config: RouterConfig | None = None) -> None:
+        self.config = config or RouterConfig()
+        self._routers: dict[str, Router] = {}  # key-encoder identity -> router
+
+    def route(self, bank: AtomBank, query: str) -> RoutingResult:
+        from .encoders import encoder_for
+
+        identity = bank.spec.key_encoder
+        if identity not in self._routers:
+            self._routers[identity] = Router(encoder_for(bank), self.config)
+        return self._routers[identity].route(bank, query)

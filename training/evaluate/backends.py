@@ -94,14 +94,13 @@ class TransformersBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from vllm_doc2atom.bank_store import BankStore
-        from vllm_doc2atom.router import RouterConfig
+        from vllm_doc2atom.router import RouterConfig, RouterPool
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.work_dir, self.max_tokens, self.max_lora_rank = work_dir, max_tokens, max_lora_rank
         self.banks = BankStore(work_dir / "banks")
-        self.router_config = RouterConfig(top_k=top_k, threshold=threshold)
-        self.routers: dict[str, object] = {}
+        self.routers = RouterPool(RouterConfig(top_k=top_k, threshold=threshold))
         self.scratch = Path(tempfile.mkdtemp(prefix="doc2atom-eval-adapters-"))
 
     def __enter__(self) -> TransformersBackend:
@@ -119,7 +118,7 @@ class TransformersBackend:
             from vllm_doc2atom.composer import compose, save_peft_adapter
 
             bank = self.banks.get(artifact_name(method, document_id))
-            result = self._router(bank).route(bank, question)
+            result = self.routers.route(bank, question)
             if result.refused:
                 from vllm_doc2atom.settings import DEFAULT_REFUSAL
 
@@ -130,15 +129,6 @@ class TransformersBackend:
             adapter = self.work_dir / "adapters" / method / lora_name(method, document_id)
         text = self._generate(messages_for(method, document, question), adapter)
         return Reply(text, False, time.perf_counter() - start, atoms)
-
-    def _router(self, bank):
-        from vllm_doc2atom.encoders import encoder_for
-        from vllm_doc2atom.router import Router
-
-        identity = bank.spec.key_encoder
-        if identity not in self.routers:
-            self.routers[identity] = Router(encoder_for(bank), self.router_config)
-        return self.routers[identity]
 
     def _generate(self, messages: list[dict[str, str]], adapter: Path | None) -> str:
         import torch
