@@ -19,7 +19,7 @@ from training.evaluate.scoring import (
 )
 from vllm_doc2atom.settings import DEFAULT_REFUSAL
 
-TINY = dict(adapted_layers=2, micro_rank=2, encoder_layer=1, hidden=64, basis=8, batch_size=4)
+TINY = dict(adapted_layers=2, micro_rank=2, encoder_layer=1, hidden=64, slot_dim=8, batch_size=4)
 
 
 def test_squad_normalisation_f1_em_and_containment():

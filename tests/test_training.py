@@ -15,7 +15,7 @@ from training.trainer import Distiller, TrainConfig, load_compiler, prepare
 
 from .conftest import EXAMPLE_DOCS
 
-TINY = dict(adapted_layers=2, micro_rank=2, encoder_layer=1, hidden=64, basis=8, batch_size=4)
+TINY = dict(adapted_layers=2, micro_rank=2, encoder_layer=1, hidden=64, slot_dim=8, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def setup(dataset, tiny_model_dir, encoder):
     base = BaseModelFingerprint.from_model_dir(tiny_model_dir)
     compiler_config = CompilerConfig(base_model=base.to_dict(), targets=[Target("down_proj", 2).key,
                                                                          Target("down_proj", 3).key],
-                                     feature_dim=128, hidden=64, basis=8, micro_rank=2)
+                                     feature_dim=128, hidden=64, slot_dim=8, micro_rank=2)
     return config, model, table, items, compiler_config, MemoryCompiler
 
 
@@ -85,6 +85,40 @@ def test_loss_terms_vanish_exactly_when_their_goal_is_met():
     assert losses.gate_l1(torch.zeros(2, 3)) == 0
     labels = torch.tensor([1.0, 0.0])
     assert losses.routing_bce(torch.tensor([9.0, -9.0]), labels) < 1e-3 < losses.routing_bce(torch.zeros(2), labels)
+
+
+def test_answer_terms_weight_the_gold_answer_tokens():
+    logits, tokens = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
+    per_token = torch.nn.functional.cross_entropy(logits, tokens, reduction="none")
+    weights = torch.tensor([1.0, 4.0, 4.0, 1.0])
+    assert torch.allclose(losses.answer_ce(logits, tokens, weights=weights), (per_token * weights).sum() / 10)
+    assert torch.allclose(losses.answer_ce(logits, tokens, weights=torch.ones(4)), losses.answer_ce(logits, tokens))
+
+
+def test_gold_token_mask_marks_the_tokens_that_spell_the_answer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from training.student import gold_token_mask
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    reply = tokenizer("The harbor master of Quillon is Elvira Tundmark.", add_special_tokens=False)["input_ids"]
+    mask = gold_token_mask(tokenizer, reply, ["elvira tundmark"])
+    assert tokenizer.decode([t for t, m in zip(reply, mask) if m]).strip() == "Elvira Tundmark"
+    assert not gold_token_mask(tokenizer, reply, ["Rodrigo", ""]).any()
+
+
+def test_factors_carry_the_identity_of_the_tokens_they_read(setup):
+    """B is a linear map of attention-weighted token embeddings: two atoms that differ only in one token's
+    embedding get different write directions, so a name can be copied rather than memorised."""
+    distiller, _ = _distiller(setup)
+    inputs = distiller.table.features[:1]
+    changed = type(inputs)(inputs.states, inputs.embeddings.clone(), inputs.mask)
+    changed.embeddings[0, 0] += 1.0
+    with torch.no_grad():
+        _, b, _ = distiller.compiler(inputs)
+        _, b_changed, _ = distiller.compiler(changed)
+    target = distiller.targets[0]
+    assert not torch.allclose(b[target], b_changed[target])
 
 
 def test_every_term_is_computed_and_gradients_reach_every_trained_part(setup):
@@ -137,7 +171,10 @@ def test_train_cli_checkpoint_round_trip_and_resume(tmp_path, dataset, tiny_mode
     assert meta["step"] == 4 and meta["train"]["weights"]["gate_l1"] == 0.02
     assert not list(checkpoint.parent.glob(".*"))  # atomic swaps leave nothing behind
     again, _ = load_compiler(checkpoint)
-    features = torch.randn(3, compiler.config.feature_dim)
+    from training.student import AtomInputs
+
+    f = compiler.config.feature_dim
+    features = AtomInputs(torch.randn(3, 5, f), torch.randn(3, 5, f), torch.rand(3, 5) > 0.3)
     assert all(torch.equal(x, y) for x, y in zip(compiler(features)[2], again(features)[2]))
 
     assert main(["train", "--config", str(config), "--set", "steps=6", "--resume"]) == 0

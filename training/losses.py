@@ -2,7 +2,8 @@
 
 Position-wise terms average over positions, or, given `denominator`, sum and divide by it: data-parallel
 ranks each sum their share of the positions and divide by the global count, so the ranks' terms add up
-to the single-process mean exactly.
+to the single-process mean exactly. The answer terms take per-position `weights` (the denominator is then
+the total weight).
 """
 
 from __future__ import annotations
@@ -11,17 +12,24 @@ import torch
 from torch.nn import functional as F
 
 
-def _reduce(values: torch.Tensor, denominator: int | None) -> torch.Tensor:
+def _reduce(values: torch.Tensor, denominator: float | None) -> torch.Tensor:
     return values.mean() if denominator is None else values.sum() / denominator
 
 
-def answer_ce(logits: torch.Tensor, tokens: torch.Tensor, denominator: int | None = None) -> torch.Tensor:
-    """Cross-entropy of the teacher's answer tokens: logits [n, V], tokens [n]."""
-    return _reduce(F.cross_entropy(logits, tokens, reduction="none"), denominator)
+def _weighted(values: torch.Tensor, weights: torch.Tensor | None, denominator: float | None) -> torch.Tensor:
+    if weights is None:
+        return _reduce(values, denominator)
+    return (values * weights).sum() / (weights.sum() if denominator is None else denominator)
+
+
+def answer_ce(logits: torch.Tensor, tokens: torch.Tensor, denominator: float | None = None,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the teacher's answer tokens: logits [n, V], tokens [n], weights [n]."""
+    return _weighted(F.cross_entropy(logits, tokens, reduction="none"), weights, denominator)
 
 
 def teacher_kl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-               denominator: int | None = None) -> torch.Tensor:
+               denominator: float | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """KL(teacher || student) over the teacher's top-k tokens, both renormalised on that set.
     logits [n, V], topk_ids [n, k] (-1 = none), topk_logprobs [n, k]."""
     valid = topk_ids >= 0
@@ -29,7 +37,7 @@ def teacher_kl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torc
     student_all = torch.log_softmax(logits, dim=-1).gather(-1, topk_ids.clamp(min=0))
     student = torch.log_softmax(student_all.masked_fill(~valid, -torch.inf), dim=-1)
     terms = teacher.exp() * (teacher - student)
-    return _reduce(terms.masked_fill(~valid, 0.0).sum(-1), denominator)
+    return _weighted(terms.masked_fill(~valid, 0.0).sum(-1), weights, denominator)
 
 
 def routing_bce(logits: torch.Tensor, labels: torch.Tensor, positive_weight: float = 1.0) -> torch.Tensor:

@@ -1,10 +1,14 @@
-"""The memory compiler (atom features -> micro-LoRA factors, gates) and the router's learned parts
+"""The memory compiler (atom inputs -> micro-LoRA factors, gates) and the router's learned parts
 (query/key projections into one key space, and the logistic router head).
 
-Factors come from a learned basis: A_i = Σ_m c_im · basisA_m, B_i = Σ_m c_im · basisB_m with c = coeff(trunk(f_i)),
-so every atom gets its own low-rank update from a few hundred parameters of the trunk's output.
-B's basis starts near zero: before training every adapter is almost a no-op (the student is the base model),
-yet gradients reach every part from the first step.
+Each rank of an atom's micro-LoRA is a *slot* that reads the atom's tokens by attention:
+    α_s = softmax over the atom's tokens of  q_s · W_key LN(states)     (q_s learned, shifted by the atom's trunk h)
+    A_s = W_read (α_s LN(states))      what the slot listens for in the adapted layer's input
+    B_s = W_write (α_s embeddings)     what it writes: the identity of the tokens it read
+The factors therefore keep token identity (a name or a number can be copied into the residual stream instead of
+squeezed through a pooled vector), with one set of read/write maps shared by every atom, which is what lets the
+compiler generalise to documents it never saw. W_write starts near zero: before training every adapter is almost a
+no-op (the student is the base model), as in LoRA, yet gradients reach every part from the first step.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from vllm_doc2atom.bank import ATOM_TYPES, Target
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
 from vllm_doc2atom.router import RouterHead
 
+from .student import AtomInputs
+
 
 @dataclass
 class CompilerConfig:
@@ -26,9 +32,9 @@ class CompilerConfig:
     feature_dim: int = 576  # atom feature size (the base model's hidden size)
     text_dim: int = 384  # sentence-encoder size (questions and atom retrieval texts)
     key_dim: int = 384
-    hidden: int = 512
-    basis: int = 64  # factor basis size per target
-    micro_rank: int = 4
+    hidden: int = 512  # trunk width (pooled atom state -> gates, slot query shifts)
+    slot_dim: int = 64  # attention size of the slots that read the atom's tokens
+    micro_rank: int = 4  # slots per target
     lora_scaling: float = 1.0
 
     def fingerprint(self) -> BaseModelFingerprint:
@@ -45,18 +51,25 @@ class MemoryCompiler(nn.Module):
     def __init__(self, config: CompilerConfig) -> None:
         super().__init__()
         self.config = config
-        base, r, m = config.fingerprint(), config.micro_rank, config.basis
-        self.trunk = nn.Sequential(nn.LayerNorm(config.feature_dim), nn.Linear(config.feature_dim, config.hidden),
-                                   nn.GELU(), nn.Linear(config.hidden, config.hidden), nn.GELU())
-        self.coeff = nn.ModuleDict()
-        self.basis_a = nn.ParameterDict()
-        self.basis_b = nn.ParameterDict()
+        base, r, d, f = config.fingerprint(), config.micro_rank, config.slot_dim, config.feature_dim
+        self.trunk = nn.Sequential(nn.LayerNorm(f), nn.Linear(f, config.hidden), nn.GELU(),
+                                   nn.Linear(config.hidden, config.hidden), nn.GELU())
+        self.norm = nn.LayerNorm(f)
+        self.token_key = nn.Linear(f, d, bias=False)
+        self.slot_query = nn.ParameterDict()
+        self.slot_shift = nn.ModuleDict()
+        self.read = nn.ModuleDict()
+        self.write = nn.ModuleDict()
         for target in config.target_list():
             d_in, d_out = base.module_shape(target.module)
             name = _param_name(target)
-            self.coeff[name] = nn.Linear(config.hidden, m)
-            self.basis_a[name] = nn.Parameter(torch.randn(m, r, d_in) / d_in**0.5)
-            self.basis_b[name] = nn.Parameter(torch.randn(m, d_out, r) * 1e-4)
+            self.slot_query[name] = nn.Parameter(torch.randn(r, d))
+            self.slot_shift[name] = nn.Linear(config.hidden, r * d)
+            nn.init.zeros_(self.slot_shift[name].weight)
+            self.read[name] = nn.Linear(f, d_in, bias=False)
+            nn.init.normal_(self.read[name].weight, std=4.0 / (f * d_in) ** 0.5)  # rows of A: norm ~4
+            self.write[name] = nn.Linear(base.hidden_size, d_out, bias=False)
+            nn.init.normal_(self.write[name].weight, std=1e-4)
         self.gate = nn.Linear(config.hidden, len(config.targets))
         nn.init.constant_(self.gate.bias, 2.0)  # gates start open (~0.88)
         # Key space: atom texts and questions share the sentence encoder, each with its own projection.
@@ -64,16 +77,23 @@ class MemoryCompiler(nn.Module):
         self.query_proj = nn.Parameter(torch.eye(config.text_dim, config.key_dim))
         self.head = LearnedRouterHead()
 
-    def forward(self, features: torch.Tensor) -> tuple[dict[Target, torch.Tensor], dict[Target, torch.Tensor],
-                                                       torch.Tensor]:
-        """features [n, F] -> A {target: [n, r, in]}, B {target: [n, out, r]}, gates [n, T] in (0, 1)."""
-        h = self.trunk(features)
+    def forward(self, inputs: AtomInputs) -> tuple[dict[Target, torch.Tensor], dict[Target, torch.Tensor],
+                                                   torch.Tensor]:
+        """n atoms' inputs -> A {target: [n, r, in]}, B {target: [n, out, r]}, gates [n, T] in (0, 1)."""
+        h = self.trunk(inputs.pooled)
+        states = self.norm(inputs.states)
+        keys = self.token_key(states)  # [n, t, d]
+        mask = inputs.mask.clone()
+        mask[:, 0] |= ~mask.any(1)  # an atom without tokens reads its (zero) padding instead of NaNs
+        n, r, d = len(inputs), self.config.micro_rank, self.config.slot_dim
         a, b = {}, {}
         for target in self.config.target_list():
             name = _param_name(target)
-            c = self.coeff[name](h)  # [n, M]
-            a[target] = torch.einsum("nm,mri->nri", c, self.basis_a[name])
-            b[target] = torch.einsum("nm,mor->nor", c, self.basis_b[name])
+            queries = self.slot_query[name] + self.slot_shift[name](h).view(n, r, d)
+            scores = torch.einsum("nrd,ntd->nrt", queries, keys) / d**0.5
+            attention = scores.masked_fill(~mask[:, None, :], -torch.inf).softmax(-1)  # [n, r, t]
+            a[target] = self.read[name](attention @ states)
+            b[target] = self.write[name](attention @ inputs.embeddings).transpose(1, 2)
         return a, b, torch.sigmoid(self.gate(h))
 
     def keys(self, text_embeddings: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from vllm_doc2atom.fingerprint import BaseModelFingerprint
 from . import losses
 from .data.records import ANSWERABLE
 from .model import CompilerConfig, MemoryCompiler
-from .student import LoRAHooks, StudentExample, atom_features, encode_students, run_last_layers
+from .student import AtomInputs, LoRAHooks, StudentExample, atom_features, encode_students, run_last_layers
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +60,15 @@ class TrainConfig:
     modules: list[str] = field(default_factory=lambda: ["down_proj"])  # adapted linears
     adapted_layers: int = 4  # the last N layers get micro-LoRAs
     micro_rank: int = 4
-    encoder_layer: int = 8  # base-model layer whose hidden states (pooled per atom) are the atom features
-    hidden: int = 512  # compiler width
-    basis: int = 64  # factor basis per target
+    encoder_layer: int = 8  # base-model layer whose hidden states (of the atom's tokens) the compiler reads
+    hidden: int = 512  # compiler trunk width
+    slot_dim: int = 64  # attention size of the compiler's token-reading slots
     steps: int = 300
     batch_size: int = 8  # answerable questions per step (plus half as many probes)
     lr: float = 1e-3
     top_k: int = 4  # atoms composed per question once the curriculum has grown K
     gold_only_fraction: float = 0.3  # curriculum: this first share of steps composes gold atoms only, no robustness
+    gold_token_weight: float = 4.0  # answer_ce/teacher_kl weight of the reply tokens that spell the gold answer
     eval_every: int = 50
     save_every: int = 100
     max_train_questions: int | None = None
@@ -95,7 +96,7 @@ class AtomTable:
 
     ids: list[str]
     document_rows: dict[str, list[int]]  # document id -> atom rows
-    features: torch.Tensor  # [N, F] base-model features
+    features: AtomInputs  # [N, ...] what the compiler reads of each atom
     text_embeddings: torch.Tensor  # [N, D] sentence-encoder embeddings of retrieval texts
     confidence: torch.Tensor  # [N]
     groups: torch.Tensor  # [N] conflict-group index, -1 none
@@ -133,6 +134,8 @@ def prepare(config: TrainConfig, model, tokenizer, encoder) -> tuple[AtomTable, 
         questions = questions[: config.max_train_questions]
     used_docs = {q["document_id"] for q in questions}
     atoms = [a for a in atoms if a["document_id"] in used_docs]
+    first_seen = {d: i for i, d in enumerate(dict.fromkeys(a["document_id"] for a in atoms))}
+    atoms.sort(key=lambda a: first_seen[a["document_id"]])  # each document's atoms on consecutive rows, in order
     targets = load_teacher_targets(data / "teacher")
 
     ids = [a["id"] for a in atoms]
@@ -140,10 +143,10 @@ def prepare(config: TrainConfig, model, tokenizer, encoder) -> tuple[AtomTable, 
     document_rows: dict[str, list[int]] = {}
     for i, a in enumerate(atoms):
         document_rows.setdefault(a["document_id"], []).append(i)
-    features = torch.zeros(len(atoms), model.config.hidden_size)
-    for doc_id, rows in tqdm(document_rows.items(), desc="atom features", unit="doc"):
-        spans = [tuple(atoms[r]["span"]) for r in rows]
-        features[rows] = atom_features(model, tokenizer, documents[doc_id]["text"], spans, config.encoder_layer)
+    features = AtomInputs.cat([
+        atom_features(model, tokenizer, documents[doc_id]["text"], [tuple(atoms[r]["span"]) for r in rows],
+                      config.encoder_layer)
+        for doc_id, rows in tqdm(document_rows.items(), desc="atom features", unit="doc")])
     group_names = sorted({a["conflict_group"] for a in atoms if a.get("conflict_group")})
     table = AtomTable(
         ids=ids, document_rows=document_rows, features=features,
@@ -157,7 +160,7 @@ def prepare(config: TrainConfig, model, tokenizer, encoder) -> tuple[AtomTable, 
     start_layer = model.config.num_hidden_layers - config.adapted_layers
     answerable = [q for q in questions if q["kind"] == ANSWERABLE and q["id"] in targets and q["labels"]["gold"]]
     students = {s.question_id: s for s in encode_students(
-        model, tokenizer, [(q["id"], q["question"]) for q in answerable], targets, start_layer)}
+        model, tokenizer, [(q["id"], q["question"], q["answers"]) for q in answerable], targets, start_layer)}
     embeddings = torch.from_numpy(encoder.encode([q["question"] for q in questions]))
     items = []
     for q, embedding in zip(questions, embeddings):
@@ -220,18 +223,23 @@ class Distiller:
         selections = [self._select(q, weights[i], local, stage, k) for i, q in enumerate(answerable)]
         mine = list(range(rank, len(answerable), world))
         own = [answerable[i] for i in mine]
-        tokens_total = sum(len(q.student.answer_tokens) for q in answerable) / world
+        token_weight = lambda qs: 1.0 + (cfg.gold_token_weight - 1.0) * torch.cat(  # noqa: E731
+            [q.student.fact_mask for q in qs]).float()
+        tokens_total = float(token_weight(answerable).sum()) / world
         if own:
             student_logits = self._student_logits(own, [selections[i] for i in mine], a, b, gates)
+            token_weights = token_weight(own)
             out["answer_ce"] = losses.answer_ce(student_logits, torch.cat([q.student.answer_tokens for q in own]),
-                                                tokens_total)
+                                                tokens_total, token_weights)
             out["teacher_kl"] = losses.teacher_kl(student_logits, torch.cat([q.student.topk_ids for q in own]),
-                                                  torch.cat([q.student.topk_logprobs for q in own]), tokens_total)
+                                                  torch.cat([q.student.topk_logprobs for q in own]), tokens_total,
+                                                  token_weights)
         if stage >= 1:
             if cfg.method == "doc2atom" and own:
                 gold_only = [[(local[r], weights[i, local[r]]) for r in answerable[i].gold] for i in mine]
                 out["consistency"] = losses.symmetric_kl(
-                    self._student_logits(own, gold_only, a, b, gates), student_logits, tokens_total)
+                    self._student_logits(own, gold_only, a, b, gates), student_logits,
+                    sum(len(q.student.answer_tokens) for q in answerable) / world)
             if probes:
                 sizes = sum(a[t].pow(2).sum((-1, -2)) * b[t].pow(2).sum((-1, -2)) * gates[:, j].pow(2)
                             for j, t in enumerate(self.targets))  # [n]
@@ -329,7 +337,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         base_model=base.to_dict(), targets=[Target(m, layer).key for layer in range(first, base.num_layers)
                                             for m in config.modules],
         feature_dim=model.config.hidden_size, text_dim=encoder.dim, key_dim=encoder.dim, hidden=config.hidden,
-        basis=config.basis, micro_rank=config.micro_rank)
+        slot_dim=config.slot_dim, micro_rank=config.micro_rank)
     compiler = MemoryCompiler(compiler_config)
     optimizer = torch.optim.AdamW(compiler.parameters(), lr=config.lr)
     step = 0
@@ -442,15 +450,16 @@ def curriculum(config: TrainConfig, step: int) -> tuple[int, int]:
     return 1, min(config.top_k, 2 + int(progress * (config.top_k - 1)))
 
 
-VALIDATION_COLUMNS = ["answer_ce_routed", "answer_ce_gold", "answer_ce_document", "answer_ce_base", "gold_recall",
-                      "false_refusals", "probe_refusals"]
+VALIDATION_COLUMNS = ["answer_ce_routed", "answer_ce_gold", "answer_ce_document", "answer_ce_base", "fact_ce_gold",
+                      "fact_ce_base", "gold_recall", "false_refusals", "probe_refusals"]
 
 
 @torch.no_grad()
 def validate(distiller: Distiller, items: list[QuestionItem], k: int, threshold: float = 0.5) -> dict[str, float]:
     """Inference-like check on held-out documents: route each question over its document's atoms (kept: weight
     >= threshold, at most k), then answer CE with those atoms, with the gold atoms, with all the document's atoms
-    at weight 1 (what the d2l_atom baseline serves), and with no adapter."""
+    at weight 1 (what the d2l_atom baseline serves), and with no adapter. fact_ce_* is the CE of the reply tokens
+    that spell the gold answer only: the fact itself, without the sentence around it."""
     table, compiler = distiller.table, distiller.compiler
     answerable = [q for q in items if q.student is not None][:64]
     probes = [q for q in items if q.student is None][:64]
@@ -467,8 +476,7 @@ def validate(distiller: Distiller, items: list[QuestionItem], k: int, threshold:
            "probe_refusals": sum(not kept for q, kept, _ in routed if q.student is None) / max(1, len(probes))}
     with_atoms = [(q, kept, w) for q, kept, w in routed if q.student is not None and kept]
     if not answerable:
-        return {**out, "answer_ce_routed": math.nan, "answer_ce_gold": math.nan, "answer_ce_document": math.nan,
-                "answer_ce_base": math.nan}
+        return {**out, **{c: math.nan for c in VALIDATION_COLUMNS if c not in out}}
     rows = sorted({r for q in answerable for r in table.document_rows[q.document_id]})
     local = {r: i for i, r in enumerate(rows)}
     a, b, gates = compiler(table.features[rows])
@@ -482,6 +490,9 @@ def validate(distiller: Distiller, items: list[QuestionItem], k: int, threshold:
     out["answer_ce_gold"] = float(losses.answer_ce(gold, tokens))
     out["answer_ce_document"] = float(losses.answer_ce(document, tokens))
     out["answer_ce_base"] = float(losses.answer_ce(base, tokens))
+    fact = torch.cat([q.student.fact_mask for q in answerable])
+    for name, logits in (("fact_ce_gold", gold), ("fact_ce_base", base)):
+        out[name] = float(losses.answer_ce(logits[fact], tokens[fact])) if fact.any() else math.nan
     if with_atoms:
         logits = distiller._student_logits([q for q, _, _ in with_atoms],
                                            [[(local[r], w[r]) for r in kept] for _, kept, w in with_atoms], a, b, gates)
