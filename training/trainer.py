@@ -223,12 +223,10 @@ class Distiller:
         selections = [self._select(q, weights[i], local, stage, k) for i, q in enumerate(answerable)]
         mine = list(range(rank, len(answerable), world))
         own = [answerable[i] for i in mine]
-        token_weight = lambda qs: 1.0 + (cfg.gold_token_weight - 1.0) * torch.cat(  # noqa: E731
-            [q.student.fact_mask for q in qs]).float()
-        tokens_total = float(token_weight(answerable).sum()) / world
+        tokens_total = float(_token_weights(answerable, cfg.gold_token_weight).sum()) / world
         if own:
             student_logits = self._student_logits(own, [selections[i] for i in mine], a, b, gates)
-            token_weights = token_weight(own)
+            token_weights = _token_weights(own, cfg.gold_token_weight)
             out["answer_ce"] = losses.answer_ce(student_logits, torch.cat([q.student.answer_tokens for q in own]),
                                                 tokens_total, token_weights)
             out["teacher_kl"] = losses.teacher_kl(student_logits, torch.cat([q.student.topk_ids for q in own]),
@@ -301,6 +299,11 @@ class Distiller:
             base = self._run(hiddens, None)
         pick = lambda h: self.model.lm_head(torch.cat([h[i, s] for i, s in enumerate(tail)]))  # noqa: E731
         return losses.logits_kl(pick(base), pick(adapted), denominator)
+
+
+def _token_weights(questions: list[QuestionItem], gold_weight: float) -> torch.Tensor:
+    """Loss weight of every answer token of these questions: `gold_weight` on the fact's tokens, else 1."""
+    return 1.0 + (gold_weight - 1.0) * torch.cat([q.student.fact_mask for q in questions]).float()
 
 
 # ---- training loop ------------------------------------------------------------------------------------------
