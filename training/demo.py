@@ -27,7 +27,8 @@ QUESTIONS = [
 ]
 
 
-def run_demo(model_dir: Path, checkpoint: Path, work_dir: Path | None = None, keep: bool = False) -> bool:
+def run_demo(model_dir: Path, checkpoint: Path, work_dir: Path | None = None, keep: bool = False,
+             mode: str = "amortized") -> bool:
     import openai
 
     from .compile import compile_documents, read_documents
@@ -37,7 +38,8 @@ def run_demo(model_dir: Path, checkpoint: Path, work_dir: Path | None = None, ke
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="doc2atom-demo-"))
     try:
         documents = read_documents(sorted(EXAMPLE_DOCS.glob("*.md")))
-        bank, stats = compile_documents(documents, checkpoint, work_dir / "banks" / "examples", model_dir=model_dir)
+        bank, stats = compile_documents(documents, checkpoint, work_dir / "banks" / "examples", model_dir=model_dir,
+                                        mode=mode)
         print(f"\natom bank 'examples': {stats['atoms']} atoms from {stats['documents']} documents, compiled by "
               f"{checkpoint.name} in {stats['seconds']:.1f} s")
 
