@@ -194,6 +194,10 @@ def test_train_cli_checkpoint_round_trip_and_resume(tmp_path, dataset, tiny_mode
     assert (shipped / "CARD.md").read_text() == "card"  # files the export does not write are kept
     size = (shipped / "compiler.safetensors").stat().st_size
     assert size < 0.5 * (checkpoint / "compiler.safetensors").stat().st_size  # no optimizer moments
+    meta_path = shipped / "checkpoint.json"
+    meta_path.write_text(meta_path.read_text().replace('"format_version": 2', '"format_version": 1'))
+    with pytest.raises(ValueError, match="format version 1"):
+        load_compiler(shipped)
     with pytest.raises(ValueError, match="unknown settings"):
         config.write_text(yaml.safe_dump({"data": "x", "stepz": 3}))
         TrainConfig.from_file(config)

@@ -509,6 +509,9 @@ def validate(distiller: Distiller, items: list[QuestionItem], k: int, threshold:
 # ---- checkpoints ---------------------------------------------------------------------------------------------
 
 
+CHECKPOINT_VERSION = 2  # 2: the compiler reads atom tokens (slots); 1 read pooled features and cannot be loaded
+
+
 def save_checkpoint(path: Path, compiler: MemoryCompiler, optimizer: torch.optim.Optimizer, step: int,
                     config: TrainConfig) -> None:
     """safetensors (weights, optimizer moments) + JSON (configs, step), swapped in atomically."""
@@ -522,7 +525,7 @@ def save_checkpoint(path: Path, compiler: MemoryCompiler, optimizer: torch.optim
                 tensors[f"optim.{names[id(p)]}.exp_avg"] = state["exp_avg"].contiguous()
                 tensors[f"optim.{names[id(p)]}.exp_avg_sq"] = state["exp_avg_sq"].contiguous()
                 optim_steps[names[id(p)]] = float(state["step"])
-    meta = {"format": "doc2atom-checkpoint", "format_version": 1, "step": step,
+    meta = {"format": "doc2atom-checkpoint", "format_version": CHECKPOINT_VERSION, "step": step,
             "compiler": compiler.config.to_dict(), "train": _jsonable(asdict(config)),
             "encoder_layer": config.encoder_layer, "optimizer_steps": optim_steps}
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -545,6 +548,10 @@ def load_compiler(path: str | Path) -> tuple[MemoryCompiler, dict[str, Any]]:
     """A trained compiler and its checkpoint metadata."""
     path = Path(path)
     meta = json.loads((path / "checkpoint.json").read_text())
+    if meta.get("format_version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {path} has format version {meta.get('format_version')}, this doc2atom reads "
+                         f"version {CHECKPOINT_VERSION} (a different compiler architecture): retrain it with "
+                         "`doc2atom train`, or use the shipped checkpoint")
     compiler = MemoryCompiler(CompilerConfig(**meta["compiler"]))
     tensors = load_file(str(path / "compiler.safetensors"))
     compiler.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
