@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="compiler checkpoint (default: the shipped one)")
     p.add_argument("--keep", action="store_true", help="keep the bank and the server log")
     p.add_argument("--mode", choices=["amortized", "optimize"], default="amortized",
-                   help="compile mode: optimize refines every atom (more facts right, ~25 s per document on a CPU)")
+                   help="compile mode: optimize refines every atom by context distillation (~25 s/document on a CPU)")
     p.set_defaults(func=_demo)
     return parser
 

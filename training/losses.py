@@ -12,20 +12,19 @@ import torch
 from torch.nn import functional as F
 
 
-def _reduce(values: torch.Tensor, denominator: float | None) -> torch.Tensor:
-    return values.mean() if denominator is None else values.sum() / denominator
-
-
-def _weighted(values: torch.Tensor, weights: torch.Tensor | None, denominator: float | None) -> torch.Tensor:
-    if weights is None:
-        return _reduce(values, denominator)
-    return (values * weights).sum() / (weights.sum() if denominator is None else denominator)
+def _reduce(values: torch.Tensor, denominator: float | None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(Weighted) sum over positions / denominator; without one, / the positions' count (or total weight)."""
+    if weights is not None:
+        values = values * weights
+    if denominator is None:
+        denominator = values.numel() if weights is None else weights.sum()
+    return values.sum() / denominator
 
 
 def answer_ce(logits: torch.Tensor, tokens: torch.Tensor, denominator: float | None = None,
               weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the teacher's answer tokens: logits [n, V], tokens [n], weights [n]."""
-    return _weighted(F.cross_entropy(logits, tokens, reduction="none"), weights, denominator)
+    return _reduce(F.cross_entropy(logits, tokens, reduction="none"), denominator, weights)
 
 
 def teacher_kl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
@@ -37,7 +36,7 @@ def teacher_kl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torc
     student_all = torch.log_softmax(logits, dim=-1).gather(-1, topk_ids.clamp(min=0))
     student = torch.log_softmax(student_all.masked_fill(~valid, -torch.inf), dim=-1)
     terms = teacher.exp() * (teacher - student)
-    return _weighted(terms.masked_fill(~valid, 0.0).sum(-1), weights, denominator)
+    return _reduce(terms.masked_fill(~valid, 0.0).sum(-1), denominator, weights)
 
 
 def routing_bce(logits: torch.Tensor, labels: torch.Tensor, positive_weight: float = 1.0) -> torch.Tensor:
