@@ -198,6 +198,11 @@ def test_train_cli_checkpoint_round_trip_and_resume(tmp_path, dataset, tiny_mode
     meta_path.write_text(meta_path.read_text().replace('"format_version": 2', '"format_version": 1'))
     with pytest.raises(ValueError, match="format version 1"):
         load_compiler(shipped)
+    # Resuming from an old-format checkpoint fails at once, before the data is even read.
+    (checkpoint / "checkpoint.json").write_text(meta_path.read_text())
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--set", f"data={tmp_path / 'absent'}", "--resume"]) != 0
+    assert "format version 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown settings"):
         config.write_text(yaml.safe_dump({"data": "x", "stepz": 3}))
         TrainConfig.from_file(config)

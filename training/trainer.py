@@ -322,6 +322,10 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     model_dir = str(prepare_model(config.model)) if config.model in PACKAGED_MODELS else config.model
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint"
+    resume = resume and (checkpoint / "checkpoint.json").is_file()
+    if resume:
+        read_checkpoint_meta(checkpoint)  # fail before the minutes of preparation, not after
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
     encoder = SentenceTransformerEncoder()
@@ -344,8 +348,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     compiler = MemoryCompiler(compiler_config)
     optimizer = torch.optim.AdamW(compiler.parameters(), lr=config.lr)
     step = 0
-    checkpoint = out / "checkpoint"
-    if resume and (checkpoint / "checkpoint.json").is_file():
+    if resume:
         step = load_training_state(checkpoint, compiler, optimizer)
         logger.info("resumed from %s at step %d", checkpoint, step)
     distiller = Distiller(config, model, compiler, table)
@@ -544,14 +547,20 @@ def _swap_in(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_compiler(path: str | Path) -> tuple[MemoryCompiler, dict[str, Any]]:
-    """A trained compiler and its checkpoint metadata."""
-    path = Path(path)
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """checkpoint.json, refused with a clear message when its format version is not this code's."""
     meta = json.loads((path / "checkpoint.json").read_text())
     if meta.get("format_version") != CHECKPOINT_VERSION:
         raise ValueError(f"checkpoint {path} has format version {meta.get('format_version')}, this doc2atom reads "
                          f"version {CHECKPOINT_VERSION} (a different compiler architecture): retrain it with "
                          "`doc2atom train`, or use the shipped checkpoint")
+    return meta
+
+
+def load_compiler(path: str | Path) -> tuple[MemoryCompiler, dict[str, Any]]:
+    """A trained compiler and its checkpoint metadata."""
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
     compiler = MemoryCompiler(CompilerConfig(**meta["compiler"]))
     tensors = load_file(str(path / "compiler.safetensors"))
     compiler.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
