@@ -33,6 +33,8 @@ def test_round_trip_keeps_records_keys_and_factors(tmp_path, spec):
                                   docs[1].tensors[f"A.{target.key}"][0]])
         torch.testing.assert_close(a, expected_a)
         assert b.shape == (3, *docs[0].tensors[f"B.{target.key}"].shape[1:])
+    # A bank built by one user is often served by another (safetensors alone writes 0600).
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in (tmp_path / "bank").rglob("*") if f.is_file())
 
 
 def test_create_is_atomic_and_refuses_to_overwrite_silently(tmp_path, spec):

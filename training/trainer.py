@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from vllm_doc2atom.bank import ATOM_TYPES, Target
+from vllm_doc2atom.bank import ATOM_TYPES, Target, make_readable
 from vllm_doc2atom.composer import stack_factors
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
 
@@ -534,6 +534,7 @@ def save_checkpoint(path: Path, compiler: MemoryCompiler, optimizer: torch.optim
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "compiler.safetensors"))
+    make_readable(tmp / "compiler.safetensors")
     (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
     _swap_in(tmp, path)
 
@@ -579,6 +580,7 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "compiler.safetensors"))
+    make_readable(tmp / "compiler.safetensors")
     (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
     for extra in out.glob("*") if out.exists() else []:  # keep what else lives there (a card)
         if not (tmp / extra.name).exists():

@@ -345,6 +345,7 @@ class AtomBank:
 
                 save_file({"projection": np.ascontiguousarray(query_projection, dtype=np.float32)},
                           str(tmp / QUERY_PROJECTION))
+                make_readable(tmp / QUERY_PROJECTION)
             entries = [_write_shard(tmp, spec, doc) for doc in documents]
             _check_unique_documents(entries)
             _write_manifest(tmp, spec, entries)
@@ -470,6 +471,7 @@ def _write_shard(bank: Path, spec: BankSpec, doc: DocumentAtoms) -> dict[str, An
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in doc.tensors.items()}, str(tmp),
                   metadata={"document_id": doc.document_id})
+        make_readable(tmp)
         sha = _file_sha256(tmp)
         final = shards / f"{sha[:16]}.safetensors"
         os.replace(tmp, final)  # same content, same name: replacing is harmless
@@ -501,6 +503,11 @@ def _write_manifest(bank: Path, spec: BankSpec, entries: list[dict[str, Any]]) -
         "documents": entries,
     }
     atomic_write_text(bank / MANIFEST_NAME, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+
+
+def make_readable(path: Path) -> None:
+    """safetensors >= 0.7 creates files 0600; banks and checkpoints are often built by one user, served by another."""
+    os.chmod(path, 0o644)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
