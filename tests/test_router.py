@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+import torch
 
 from vllm_doc2atom.bank import ATOM_TYPES, AtomBank
 from vllm_doc2atom.errors import BankError
 from vllm_doc2atom.key_index import KeyIndex, KeyIndexConfig
-from vllm_doc2atom.router import Router, RouterConfig, RouterHead
+from vllm_doc2atom.router import DEFAULT_THRESHOLD, Router, RouterConfig, RouterHead
 
 from .conftest import EXAMPLE_DOCS, make_document, make_spec
 
@@ -51,7 +54,7 @@ def test_in_scope_questions_route_to_their_atom_and_off_topic_is_refused(docs_ba
         assert any(answer in r.atom.text for r in result.kept[:3]), (question, [r.atom.text for r in result.kept])
         weights = [r.weight for r in result.kept]
         assert weights == sorted(weights, reverse=True) and all(0.0 <= w <= 1.0 for w in weights)
-        assert all(r.weight >= router.config.threshold for r in result.kept)
+        assert all(r.weight >= DEFAULT_THRESHOLD for r in result.kept)
         assert len(result.candidates) <= router.config.top_k
     for question in ["What is the best way to cook risotto?", "Who won the football world cup in 1998?"]:
         result = router.route(docs_bank, question)
@@ -92,22 +95,35 @@ def test_stage2_reranker_and_metadata_bias_reorder(docs_bank, encoder):
 def test_conflict_group_keeps_only_the_strongest(tmp_path, tiny_model_dir):
     spec = make_spec(tiny_model_dir, key_dim=4)
     doc = make_document(spec, "d", 3)
-    doc.tensors["keys"] = np.array([[1, 0, 0, 0], [0.9, 0.1, 0, 0], [0.8, 0.2, 0, 0]], dtype=np.float32)
-    import torch
-
-    doc.tensors["keys"] = torch.from_numpy(doc.tensors["keys"])
+    doc.tensors["keys"] = torch.tensor([[1.0, 0, 0, 0], [0.9, 0.1, 0, 0], [0.8, 0.2, 0, 0]])
     doc.atoms[0].conflict_group = doc.atoms[1].conflict_group = "founding-year"
     bank = AtomBank.create(tmp_path / "b", spec, [doc])
-
-    class FixedEncoder:
-        identity, dim = "test-encoder", 4
-
-        def encode(self, texts):
-            return np.tile(np.array([[1, 0, 0, 0]], np.float32), (len(texts), 1))
-
     result = Router(FixedEncoder(), RouterConfig(threshold=0.0)).route(bank, "q")
     assert [r.index for r in result.kept] == [0, 2]
     assert {r.index for r in result.candidates} == {0, 1, 2}
+
+
+class FixedEncoder:
+    """Every question is the unit vector e0."""
+
+    identity, dim = "test-encoder", 4
+
+    def encode(self, texts):
+        return np.tile(np.array([[1, 0, 0, 0]], np.float32), (len(texts), 1))
+
+
+def test_a_banks_calibrated_threshold_applies_unless_the_server_sets_one(tmp_path, tiny_model_dir):
+    # cos 1.0 -> weight 0.5 (at the default threshold: kept); cos 0.8 -> weight ~0.12 (dropped)
+    head = RouterHead(sim_scale=10.0, sim_center=1.0, metadata=True)
+    spec = dataclasses.replace(make_spec(tiny_model_dir, key_dim=4), router_head=dataclasses.asdict(head))
+    doc = make_document(spec, "d", 2)
+    doc.tensors["keys"] = torch.tensor([[1.0, 0, 0, 0], [0.8, 0.6, 0, 0]])
+    uncalibrated = AtomBank.create(tmp_path / "plain", spec, [doc])
+    assert [r.index for r in Router(FixedEncoder()).route(uncalibrated, "q").kept] == [0]
+    calibrated_head = dataclasses.asdict(dataclasses.replace(head, threshold=0.1))
+    calibrated = AtomBank.create(tmp_path / "calibrated", dataclasses.replace(spec, router_head=calibrated_head), [doc])
+    assert [r.index for r in Router(FixedEncoder()).route(calibrated, "q").kept] == [0, 1]
+    assert Router(FixedEncoder(), RouterConfig(threshold=0.9)).route(calibrated, "q").refused  # the server's wins
 
 
 def test_key_space_mismatch_is_a_bank_error(bank, encoder):

@@ -55,6 +55,17 @@ def _checkpoint_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+
+    result = calibrate(args.checkpoint, args.data, args.split)
+    print(f"refusal threshold {result.threshold}: refusal precision {result.refusal_precision:.3f}, recall "
+          f"{result.refusal_recall:.3f}, F1 {result.refusal_f1:.3f} over {result.answerable} answerable and "
+          f"{result.refusable} off-topic questions of the {result.split} split of {result.data}; stored in "
+          f"{args.checkpoint}/checkpoint.json")
+    return 0
+
+
 def _data_build(args: argparse.Namespace) -> int:
     from .data.build import BuildConfig, build_dataset
     from .models import PACKAGED_MODELS, prepare_model
@@ -175,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="folder to write (files already there that the export does not write, e.g. a "
                                "card, are kept)")
     p.set_defaults(func=_checkpoint_export)
+    p = checkpoint.add_parser("calibrate", help="choose the router's refusal threshold on held-out documents",
+                              description="Compile the split's documents, route their questions and off-topic "
+                                          "probes, and store the threshold of best refusal F1 in the checkpoint: "
+                                          "banks compiled from then on carry it, and the server uses it unless "
+                                          "--doc2atom-threshold is given.")
+    p.add_argument("checkpoint", help="a checkpoint folder (training or exported)")
+    p.add_argument("--data", required=True, help="a dataset folder from `doc2atom data build` (with probes)")
+    p.add_argument("--split", default="validation", choices=["train", "validation", "test"],
+                   help="documents to calibrate on (default: validation; never the split you report)")
+    p.set_defaults(func=_checkpoint_calibrate)
 
     data = sub.add_parser("data", help="training data").add_subparsers(dest="action", required=True)
     p = data.add_parser("build", help="atoms, probes, labels, splits and teacher targets from one source",
@@ -246,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32, help="answer length limit")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (served)")
     p.add_argument("--top-k", type=int, default=8, help="router: atoms per question at most")
-    p.add_argument("--threshold", type=float, default=0.5, help="router: minimum weight (else refuse)")
+    p.add_argument("--threshold", type=float, help="router: minimum weight, else refuse (default: the "
+                                                    "checkpoint's calibrated threshold, else 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serve-args", default="", help='extra `vllm serve` arguments, e.g. "--dtype float32"')
     p.set_defaults(func=_eval)

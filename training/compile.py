@@ -13,7 +13,7 @@ import math
 import resource
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -118,12 +118,13 @@ class DocumentCompiler:
         encoder = self.sentences.with_projection(self.projection)  # questions, as the server will encode them
         config = self.compiler.config
         self.targets = config.target_list()
+        calibrated = self.meta.get("router_calibration", {}).get("threshold")  # `doc2atom checkpoint calibrate`
         self.spec = BankSpec(base_model=base, targets=self.targets, micro_rank=config.micro_rank,
                              lora_scaling=config.lora_scaling, key_encoder=encoder.identity,
                              key_dim=config.key_dim,
                              checkpoint=self.meta.get("exported_from")
                              or f"{Path(checkpoint).resolve().parent.name}@step{self.meta['step']}",
-                             router_head=asdict(self.compiler.head.export()))
+                             router_head=asdict(replace(self.compiler.head.export(), threshold=calibrated)))
         self.atomizer = _atomizer(atomizer)
         self.hooks = LoRAHooks(self.model, self.targets) if mode == "optimize" else None
         self.kl_before: list[float] = []

@@ -36,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Folder holding the atom banks that requests may name (default: $DOC2ATOM_BANK_ROOT "
                             "or ./banks). A request's `atom_bank` is a path relative to it.")
     group.add_argument("--doc2atom-top-k", type=int, default=8, help="Stage-1 candidates per question.")
-    group.add_argument("--doc2atom-threshold", type=float, default=0.5,
-                       help="Router weight below which an atom is dropped; no atom left means refusal.")
+    group.add_argument("--doc2atom-threshold", type=float, default=None,
+                       help="Router weight below which an atom is dropped; no atom left means refusal "
+                            "(default: each bank's threshold, calibrated with its checkpoint; else 0.5).")
     group.add_argument("--doc2atom-stage2", action="store_true", help="Rerank with metadata bias (stage 2).")
     group.add_argument("--doc2atom-on-refusal", choices=["refuse", "base"], default="refuse",
                        help="When no atom covers a question: answer the refusal message without a model call "

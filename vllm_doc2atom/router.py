@@ -25,6 +25,8 @@ from .key_index import KeyIndex, KeyIndexConfig
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_THRESHOLD = 0.5  # for a head without a calibrated threshold
+
 # (question, atom texts) -> one relevance score per text (logit scale).
 Reranker = Callable[[str, Sequence[str]], np.ndarray]
 
@@ -46,6 +48,7 @@ class RouterHead:
     answer_bearing_bias: float = 0.0
     confidence_scale: float = 0.0
     metadata: bool = False  # the metadata terms were trained with the head
+    threshold: float | None = None  # refusal threshold calibrated for this head (`doc2atom checkpoint calibrate`)
 
     def weight(self, similarity: float, atom: AtomRecord, rerank: float | None, stage2: bool) -> float:
         logit = self.sim_scale * (similarity - self.sim_center)
@@ -61,7 +64,7 @@ class RouterHead:
 @dataclass
 class RouterConfig:
     top_k: int = 8  # stage-1 candidates per question
-    threshold: float = 0.5  # atoms whose weight is below are dropped
+    threshold: float | None = None  # atoms whose weight is below are dropped; None: the bank head's, else 0.5
     stage2: bool = False  # rerank + metadata bias
     max_atoms: int | None = None  # keep at most this many after thresholding
     head: RouterHead = field(default_factory=RouterHead)
@@ -148,10 +151,11 @@ class Router:
             for (r, s), rr in zip(hits, rerank)
         ]
         candidates.sort(key=lambda c: c.weight, reverse=True)
+        threshold = next(t for t in (cfg.threshold, head.threshold, DEFAULT_THRESHOLD) if t is not None)
         kept: list[RoutedAtom] = []
         groups_taken: set[str] = set()
         for c in candidates:
-            if c.weight < cfg.threshold:
+            if c.weight < threshold:
                 break
             group = c.atom.conflict_group
             if group is not None:

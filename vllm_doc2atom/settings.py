@@ -21,7 +21,7 @@ def default_adapter_dir() -> str:
 class ServeSettings:
     bank_root: Path
     top_k: int = 8
-    threshold: float = 0.5
+    threshold: float | None = None  # None: each bank's calibrated threshold (its checkpoint's), else 0.5
     stage2: bool = False
     on_refusal: str = "refuse"  # "refuse": answer refusal_message without a model call; "base": base model answers
     refusal_message: str = DEFAULT_REFUSAL

@@ -89,7 +89,7 @@ class TransformersBackend:
     """transformers + PEFT in this process: the router and composer of the plugin, an adapter per answer."""
 
     def __init__(self, model_dir: Path, work_dir: Path, max_tokens: int, max_lora_rank: int, top_k: int,
-                 threshold: float) -> None:
+                 threshold: float | None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -39,7 +39,7 @@ class EvalConfig:
     concurrency: int = 4  # requests in flight (served backend)
     max_lora_rank: int = 64
     top_k: int = 8
-    threshold: float = 0.5
+    threshold: float | None = None  # None: the banks' calibrated threshold (else 0.5)
     seed: int = 0
     serve_args: list[str] = field(default_factory=list)  # extra `vllm serve` arguments, e.g. ["--dtype", "float32"]
 
@@ -161,9 +161,9 @@ def _backend(config: EvalConfig, model_dir: Path, work_dir: Path) -> Backend:
     from .backends import ServedBackend, TransformersBackend
 
     if config.backend == "served":
+        threshold = () if config.threshold is None else ("--doc2atom-threshold", str(config.threshold))
         return ServedBackend(model_dir, work_dir, config.max_tokens, config.max_lora_rank,
-                             ("--doc2atom-top-k", str(config.top_k), "--doc2atom-threshold", str(config.threshold),
-                              *config.serve_args))
+                             ("--doc2atom-top-k", str(config.top_k), *threshold, *config.serve_args))
     if config.backend == "transformers":
         return TransformersBackend(model_dir, work_dir, config.max_tokens, config.max_lora_rank, config.top_k,
                                    config.threshold)
