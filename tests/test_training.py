@@ -226,6 +226,10 @@ def test_compile_route_compose_and_peft_match_the_training_path(tmp_path, datase
                                       "steps": 2, **TINY}))
     assert main(["train", "--config", str(config)]) == 0
     checkpoint = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["checkpoint", "calibrate", checkpoint, "--data", str(dataset), "--split", "train"]) == 0
+    assert "refusal threshold" in capsys.readouterr().out
+    calibration = load_compiler(checkpoint)[1]["router_calibration"]
+    assert 0.0 < calibration["threshold"] < 1.0 and calibration["refusable"] > 0
     docs = [str(p) for p in sorted(EXAMPLE_DOCS.glob("*.md"))]
     assert main(["compile", *docs, "--checkpoint", checkpoint, "--out", str(tmp_path / "bank")]) == 0
     stats = json.loads(capsys.readouterr().out)
@@ -248,6 +252,7 @@ def test_compile_route_compose_and_peft_match_the_training_path(tmp_path, datase
 
     bank = AtomBank.load(tmp_path / "bank", expect_base=BaseModelFingerprint.from_model_dir(tiny_model_dir))
     assert bank.spec.router_head and "+proj-" in bank.spec.key_encoder
+    assert bank.spec.router_head["threshold"] == calibration["threshold"]  # the server refuses as calibrated
     result = Router(encoder_for(bank), RouterConfig(threshold=0.0, top_k=3)).route(bank, "Who wrote the protocol?")
     adapter = compose(bank, result.selection)
     folder = save_peft_adapter(adapter, tmp_path / "adapters")
@@ -337,3 +342,13 @@ def test_learned_router_head_exports_exactly_what_the_server_applies():
                 trained = torch.sigmoid(head(torch.tensor([0.6]), torch.tensor([t_index]),
                                              torch.tensor([float(answer_bearing)]), torch.tensor([0.8])))
             assert abs(exported.weight(0.6, atom, None, stage2=False) - float(trained)) < 1e-6
+
+
+def test_calibrated_threshold_separates_answerable_from_off_topic_with_the_widest_margin():
+    from training.calibrate import best_threshold
+
+    threshold, f1 = best_threshold(answerable=[0.3, 0.8, 0.9], refusable=[0.0, 0.05, 0.1])
+    assert f1 == 1.0 and threshold == pytest.approx(0.2)
+    # Overlap: refusing every probe costs one answerable question (P 3/4, R 1), better than missing a probe.
+    threshold, f1 = best_threshold(answerable=[0.2, 0.8, 0.9], refusable=[0.0, 0.1, 0.6])
+    assert threshold == pytest.approx(0.7) and f1 == pytest.approx(6 / 7)
