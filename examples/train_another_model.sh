@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 # 2. Train: the same recipe as the shipped checkpoint, this model as student (GPU used when present).
 "$bin/doc2atom" train --config configs/smollm2-synthetic.yaml --set model="$model" \
     --set data=data/other-synthetic --set out=runs/other --set steps="$steps"
+# 2b. Choose the router's refusal threshold on the validation documents (stored in the checkpoint).
+"$bin/doc2atom" checkpoint calibrate runs/other/checkpoint --data data/other-synthetic
 # 3. Compile and serve with the new checkpoint (a bank records its base model: serving it on another
 #    model is refused with a 409).
 "$bin/doc2atom" compile examples/docs/*.md --checkpoint runs/other/checkpoint --out banks/other-examples

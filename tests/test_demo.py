@@ -18,6 +18,7 @@ def test_shipped_checkpoint_is_small_inference_only_and_for_the_default_model():
     path = shipped_checkpoint()
     meta = json.loads((path / "checkpoint.json").read_text())
     assert meta["train"]["model"] == DEFAULT_MODEL and meta["optimizer_steps"] == {}
+    assert meta["router_calibration"]["split"] == "validation"  # refusal threshold chosen on held-out documents
     assert (path / "compiler.safetensors").stat().st_size < 40 * 2**20
     assert "## Evaluation" in (path / "CARD.md").read_text()
     with pytest.raises(ValueError, match="no shipped checkpoint for 'other-model'.*smollm2-135m-instruct"):
