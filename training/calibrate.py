@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from vllm_doc2atom.bank import atomic_write_text
 
-from .evaluate.scoring import refusal_scores
+from .evaluate.scoring import RefusalScores, refusal_scores
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +37,18 @@ class Calibration:
     split: str
 
 
+def refusals_at(threshold: float, answerable: list[float], refusable: list[float]) -> RefusalScores:
+    """Refusal precision/recall/F1 when a question is refused for its best atom's weight below `threshold`."""
+    return refusal_scores([(False, w < threshold) for w in answerable] + [(True, w < threshold) for w in refusable])
+
+
 def best_threshold(answerable: list[float], refusable: list[float]) -> tuple[float, float]:
-    """(threshold, refusal F1): the midpoint between two consecutive top weights that refuses best; a question
-    is refused when its best atom's weight is below the threshold."""
+    """(threshold, refusal F1): the midpoint between two consecutive top weights that refuses best."""
     scores = sorted(set(answerable) | set(refusable) | {0.0, 1.0})
     best = (-1.0, -1.0, 0.5)  # (F1, gap, threshold)
     for low, high in zip(scores, scores[1:]):
         threshold = (low + high) / 2
-        f1 = refusal_scores([(False, s < threshold) for s in answerable]
-                            + [(True, s < threshold) for s in refusable]).f1
-        best = max(best, (f1, high - low, threshold))
+        best = max(best, (refusals_at(threshold, answerable, refusable).f1, high - low, threshold))
     return best[2], best[0]
 
 
@@ -82,7 +84,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, split: str = "validation
         raise ValueError(f"{data}: the {split} split needs answerable questions and off-topic probes "
                          f"(has {len(answerable)} and {len(refusable)})")
     threshold, _ = best_threshold(answerable, refusable)
-    scores = refusal_scores([(False, s < threshold) for s in answerable] + [(True, s < threshold) for s in refusable])
+    scores = refusals_at(threshold, answerable, refusable)
     result = Calibration(round(threshold, 4), scores.precision, scores.recall, scores.f1, len(answerable),
                          len(refusable), Path(data).name, split)
     meta_path = checkpoint / "checkpoint.json"

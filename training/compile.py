@@ -191,9 +191,9 @@ def compile_documents(documents: Mapping[str, str], checkpoint: str | Path, out:
     if add and Path(out).exists():
         bank = AtomBank.load(out)
         if bank.spec != compile_one.spec:
-            raise ValueError(f"bank {out} was compiled with checkpoint {bank.spec.checkpoint}, not "
-                             f"{compile_one.spec.checkpoint}: its atoms could not be composed together; "
-                             "compile into a new bank instead")
+            raise ValueError(f"bank {out} was compiled with {bank.spec.checkpoint} as it was then, which differs from "
+                             f"{compile_one.spec.checkpoint} now (weights, targets or router calibration): their "
+                             "atoms could not be routed and composed together; compile into a new bank instead")
         bank = bank.add_documents(compiled, replace=True)
     else:
         bank = compile_one.create_bank(out, compiled, overwrite=overwrite)

@@ -145,7 +145,7 @@ class Router:
         if cfg.stage2 and self.reranker is not None and hits:
             scores = self.reranker(query, [bank.atoms[r].text for r, _ in hits])
             rerank = [float(x) for x in scores]
-        head = RouterHead(**bank.spec.router_head) if bank.spec.router_head else cfg.head  # a trained bank's own
+        head = _head_of(bank) if bank.spec.router_head else cfg.head  # a trained bank's own
         candidates = [
             RoutedAtom(r, bank.atoms[r], s, rr, head.weight(s, bank.atoms[r], rr, cfg.stage2))
             for (r, s), rr in zip(hits, rerank)
@@ -166,6 +166,13 @@ class Router:
         if cfg.max_atoms is not None:
             kept = kept[: cfg.max_atoms]
         return RoutingResult(query=query, kept=kept, candidates=candidates)
+
+
+def _head_of(bank: AtomBank) -> RouterHead:
+    try:
+        return RouterHead(**bank.spec.router_head)
+    except TypeError as err:  # unknown or missing fields: a corrupt manifest, or a bank from a newer doc2atom
+        raise BankError(f"bank {bank.path.name}: malformed router head in its manifest ({err})") from err
 
 
 class RouterPool:
