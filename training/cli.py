@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (Doc2AtomError, ValueError, RuntimeError) as exc:
+    except (Doc2AtomError, ValueError, RuntimeError, FileNotFoundError) as exc:  # a missing input: no traceback
         print(f"doc2atom: error: {exc}", file=sys.stderr)
         return 2
 
