@@ -116,3 +116,15 @@ def test_eval_served_path_matches_in_process_answers(tmp_path, eval_setup):
         assert row["atoms"] == local_rows[key]["atoms"], key
     same = sum(row["reply"] == local_rows[key]["reply"] for key, row in served_rows.items())
     assert same >= 0.9 * len(served_rows)  # greedy near-ties may flip a token on different kernels
+
+
+def test_recipes_carry_the_compile_settings_of_each_method():
+    from training.evaluate.harness import EvalConfig, recipes_for
+
+    config = EvalConfig(data=[], checkpoint="ckpt", methods=["icl", "doc2atom", "doc2atom_optimize", "d2l_atom"],
+                        refine_steps=3, refine_lr=0.01)
+    recipes, skipped = recipes_for(config)
+    assert skipped == {"d2l_atom": "no checkpoint given"} and set(recipes) == {"doc2atom", "doc2atom_optimize"}
+    optimize = recipes["doc2atom_optimize"]
+    assert (optimize.mode, optimize.refine_steps, optimize.refine_lr) == ("optimize", 3, 0.01)
+    assert recipes["doc2atom"].mode == "amortized"

@@ -128,6 +128,7 @@ def _eval(args: argparse.Namespace) -> int:
                         model=args.model, methods=args.methods.split(","), backend=args.backend, split=args.split,
                         limit=args.limit, max_tokens=args.max_tokens, concurrency=args.concurrency,
                         top_k=args.top_k, threshold=args.threshold, seed=args.seed,
+                        refine_steps=args.refine_steps, refine_lr=args.refine_lr,
                         serve_args=shlex.split(args.serve_args))
     results = run_eval(config)
     print(write_report(results, Path(args.out)))
@@ -270,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="router: minimum weight, else refuse (default: the "
                                                     "checkpoint's calibrated threshold, else 0.5)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refine-steps", type=int, default=8, help="doc2atom_optimize: refinement steps per atom")
+    p.add_argument("--refine-lr", type=float, default=1e-3, help="doc2atom_optimize: refinement learning rate")
     p.add_argument("--serve-args", default="", help='extra `vllm serve` arguments, e.g. "--dtype float32"')
     p.set_defaults(func=_eval)
 

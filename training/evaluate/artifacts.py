@@ -28,6 +28,8 @@ class MethodRecipe:
     checkpoint: str
     mode: str = "amortized"
     atomizer: str = "rules"
+    refine_steps: int = 8  # optimize mode (RefineConfig)
+    refine_lr: float = 1e-3
 
 
 def artifact_name(method: str, document_id: str) -> str:
@@ -51,7 +53,7 @@ def compile_method(method: str, recipe: MethodRecipe, documents: dict[str, str],
     from ..compile import DocumentCompiler, RefineConfig, peak_memory_mb
 
     compiler = DocumentCompiler(recipe.checkpoint, mode=recipe.mode, atomizer=recipe.atomizer,
-                                refine=RefineConfig())
+                                refine=RefineConfig(recipe.refine_steps, recipe.refine_lr))
     seconds, sizes, dropped = [], [], 0
     for doc_id, text in documents.items():
         start = time.perf_counter()

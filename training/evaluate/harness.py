@@ -41,6 +41,8 @@ class EvalConfig:
     top_k: int = 8
     threshold: float | None = None  # None: the banks' calibrated threshold (else 0.5)
     seed: int = 0
+    refine_steps: int = 8  # doc2atom_optimize: refinement steps per atom
+    refine_lr: float = 1e-3
     serve_args: list[str] = field(default_factory=list)  # extra `vllm serve` arguments, e.g. ["--dtype", "float32"]
 
 
@@ -92,7 +94,8 @@ def recipes_for(config: EvalConfig) -> tuple[dict[str, MethodRecipe], dict[str, 
             skipped[method] = "no checkpoint given"
             continue
         recipes[method] = MethodRecipe(checkpoints[method], mode="optimize" if method == "doc2atom_optimize"
-                                       else "amortized", atomizer="chunks" if method == "d2l_raw" else "rules")
+                                       else "amortized", atomizer="chunks" if method == "d2l_raw" else "rules",
+                                       refine_steps=config.refine_steps, refine_lr=config.refine_lr)
     return recipes, skipped
 
 
