@@ -84,9 +84,10 @@ def test_question_extraction():
 class _Engine:
     """Stands in for vLLM's EngineClient LoRA calls; the real engine is exercised in test_serve.py."""
 
-    def __init__(self, refuse: bool = False) -> None:
+    def __init__(self, refuse: bool = False, remove_delay: float = 0.0) -> None:
         self.loaded: set[int] = set()
         self.refuse = refuse
+        self.remove_delay = remove_delay
 
     async def add_lora(self, request) -> bool:
         if self.refuse:
@@ -95,6 +96,7 @@ class _Engine:
         return True
 
     async def remove_lora(self, lora_id: int) -> bool:
+        await asyncio.sleep(self.remove_delay)
         self.loaded.discard(lora_id)
         return True
 
@@ -124,5 +126,26 @@ def test_adapter_registry_counts_references_and_evicts_lru(tmp_path, bank):
         with pytest.raises(AdapterRejected, match="greater than max_lora_rank"):
             await rejecting.acquire(first.name, first.int_id, lambda: first)
         assert len(rejecting) == 0 and list((tmp_path / "rejected").iterdir()) == []
+
+    asyncio.run(scenario())
+
+
+def test_adapter_registered_again_while_being_evicted_survives(tmp_path, bank):
+    class Models:
+        lora_requests: dict = {}
+
+    engine = _Engine(remove_delay=0.05)  # a slow engine: the eviction is still running when `first` comes back
+    registry = AdapterRegistry(tmp_path, capacity=1, engine_client=engine, serving_models=Models())
+    first, second = compose(bank, [(0, 0.5)]), compose(bank, [(1, 0.5)])
+
+    async def scenario():
+        await registry.acquire(first.name, first.int_id, lambda: first)
+        await registry.release(first.name)
+        evicting = asyncio.create_task(registry.acquire(second.name, second.int_id, lambda: second))
+        await asyncio.sleep(0.01)
+        _, hit = await registry.acquire(first.name, first.int_id, lambda: first)
+        await evicting
+        assert not hit and first.int_id in engine.loaded
+        assert (tmp_path / first.name / "adapter_model.safetensors").is_file()
 
     asyncio.run(scenario())

@@ -3,7 +3,8 @@
 A folder is deleted, and the adapter removed from the engine, only when no request uses it and it
 falls out of the LRU. The engine loads adapters from disk and may reload one after evicting it, so
 the folder must outlive every request that names it. Names and ids are content hashes, so asking
-for the same selection again reuses the registered adapter.
+for the same selection again reuses the registered adapter, and registering a name again waits
+until an eviction of that name has finished (else the eviction would delete the new copy).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class AdapterRegistry:
         self._remove_from_engine = remove_from_engine  # off when several API servers share one engine
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._removals: dict[str, asyncio.Task] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -58,6 +60,8 @@ class AdapterRegistry:
                 entry.refs += 1
                 self._entries.move_to_end(name)
                 return entry.request, True
+            if name in self._removals:
+                await self._removals[name]
             path = await asyncio.to_thread(lambda: save_peft_adapter(build(), self.root))
             request = LoRARequest(lora_name=name, lora_int_id=int_id, lora_path=str(path))
             try:
@@ -84,10 +88,17 @@ class AdapterRegistry:
             entry = self._entries.pop(name)
             self._locks.pop(name, None)
             self._serving_models.lora_requests.pop(name, None)
+            removal = self._removals[name] = asyncio.ensure_future(self._remove(name, entry))
+            await removal
+
+    async def _remove(self, name: str, entry: _Entry) -> None:
+        try:
             if self._remove_from_engine:
                 try:
                     await self._engine.remove_lora(entry.request.lora_int_id)
                 except Exception:  # the engine may have evicted it already
                     logger.debug("remove_lora(%s) failed", name, exc_info=True)
-            shutil.rmtree(entry.path, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, entry.path, True)
             logger.debug("doc2atom: evicted adapter %s", name)
+        finally:
+            self._removals.pop(name, None)
