@@ -213,7 +213,10 @@ def test_concurrent_requests_on_different_banks(client, model):
 
     def ask(i: int):
         bank = POOL[i % len(POOL)]
-        return bank, _ask(client, model, questions[i % len(questions)], bank=bank).parse()
+        try:
+            return bank, _ask(client, model, questions[i % len(questions)], bank=bank).parse()
+        except openai.APIStatusError as exc:  # say what the server answered (a traceback alone does not)
+            raise AssertionError(f"request {i} on bank {bank!r}: HTTP {exc.status_code} {exc.body}") from None
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(ask, range(16)))
