@@ -61,7 +61,7 @@ class AdapterRegistry:
                 self._entries.move_to_end(name)
                 return entry.request, True
             if name in self._removals:
-                await self._removals[name]
+                await asyncio.shield(self._removals[name])
             path = await asyncio.to_thread(lambda: save_peft_adapter(build(), self.root))
             request = LoRARequest(lora_name=name, lora_int_id=int_id, lora_path=str(path))
             try:
@@ -88,8 +88,9 @@ class AdapterRegistry:
             entry = self._entries.pop(name)
             self._locks.pop(name, None)
             self._serving_models.lora_requests.pop(name, None)
-            removal = self._removals[name] = asyncio.ensure_future(self._remove(name, entry))
-            await removal
+            # A task, shielded: a cancelled request (client gone) must not stop the removal halfway.
+            self._removals[name] = asyncio.ensure_future(self._remove(name, entry))
+            await asyncio.shield(self._removals[name])
 
     async def _remove(self, name: str, entry: _Entry) -> None:
         try:
