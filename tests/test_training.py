@@ -158,7 +158,39 @@ def test_twenty_steps_overfit_three_fictional_facts(setup):
     assert after < 0.8 * before, (before, after)  # measured: 5.03 -> 3.55
 
 
-def test_train_cli_checkpoint_round_trip_and_resume(tmp_path, dataset, tiny_model_dir, capsys):
+def test_prepared_inputs_round_trip_through_the_cache(setup, tmp_path, tiny_model_dir):
+    from training.prepared import STUDENT_TENSORS, cache_key, load_prepared, save_prepared
+
+    config, _, table, items, _, _ = setup
+    key = cache_key(config, tiny_model_dir, "encoder")
+    assert load_prepared(tmp_path, key) is None
+    save_prepared(tmp_path, key, table, items)
+    loaded_table, loaded_items = load_prepared(tmp_path, key)
+    assert (loaded_table.ids, loaded_table.document_rows) == (table.ids, table.document_rows)
+    for name in ("states", "embeddings", "mask"):
+        assert torch.equal(getattr(loaded_table.features, name), getattr(table.features, name))
+    assert torch.equal(loaded_table.groups, table.groups) and torch.equal(loaded_table.types, table.types)
+    assert len(loaded_items) == len(items)
+    for old, new in zip(items, loaded_items):
+        assert (new.id, new.kind, new.split, new.positives, new.gold) == (old.id, old.kind, old.split, old.positives,
+                                                                           old.gold)
+        assert torch.equal(new.embedding, old.embedding)
+        assert (new.student is None) == (old.student is None)
+        assert old.student is None or all(torch.equal(getattr(new.student, n), getattr(old.student, n))
+                                          for n in STUDENT_TENSORS)
+        assert (new.prompt_hidden is None) == (old.prompt_hidden is None)
+        assert old.prompt_hidden is None or torch.equal(new.prompt_hidden, old.prompt_hidden)
+    assert any(q.student for q in items) and any(q.prompt_hidden is not None for q in items)
+
+    assert cache_key(TrainConfig(**{**config.__dict__, "encoder_layer": 2}), tiny_model_dir, "encoder") != key
+    assert cache_key(config, tiny_model_dir, "another encoder") != key
+    save_prepared(tmp_path, "newer", table, items[:3])
+    assert [p.name for p in tmp_path.iterdir()] == ["newer"]  # one cache per run folder
+    (tmp_path / "newer" / "tensors.safetensors").write_bytes(b"damaged")
+    assert load_prepared(tmp_path, "newer") is None
+
+
+def test_train_cli_checkpoint_round_trip_and_resume(tmp_path, dataset, tiny_model_dir, capsys, caplog):
     from training.cli import main
 
     config = tmp_path / "train.yaml"
@@ -177,7 +209,10 @@ def test_train_cli_checkpoint_round_trip_and_resume(tmp_path, dataset, tiny_mode
     features = AtomInputs(torch.randn(3, 5, f), torch.randn(3, 5, f), torch.rand(3, 5) > 0.3)
     assert all(torch.equal(x, y) for x, y in zip(compiler(features)[2], again(features)[2]))
 
-    assert main(["train", "--config", str(config), "--set", "steps=6", "--resume"]) == 0
+    assert len(list((tmp_path / "run" / "prepared").iterdir())) == 1
+    with caplog.at_level("INFO", logger="training.prepared"):
+        assert main(["train", "--config", str(config), "--set", "steps=6", "--resume"]) == 0
+    assert "loaded prepared inputs" in caplog.text  # the resume skipped preparation
     rows = [line.split(",") for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert load_compiler(checkpoint)[1]["step"] == 6

@@ -72,6 +72,7 @@ class TrainConfig:
     eval_every: int = 50
     save_every: int = 100
     max_train_questions: int | None = None
+    cache_prepared: bool = True  # keep the frozen inputs in OUT/prepared/: a --resume skips their minutes
     seed: int = 0
     weights: LossWeights = field(default_factory=LossWeights)
 
@@ -309,6 +310,23 @@ def _token_weights(questions: list[QuestionItem], gold_weight: float) -> torch.T
 # ---- training loop ------------------------------------------------------------------------------------------
 
 
+def _prepared_inputs(config: TrainConfig, model_dir: str, model, tokenizer, encoder,
+                     write: bool) -> tuple[AtomTable, list[QuestionItem]]:
+    """`prepare`'s result, from the run folder's cache when the data, model and settings are unchanged."""
+    from .prepared import cache_key, load_prepared, save_prepared
+
+    if not config.cache_prepared:
+        return prepare(config, model, tokenizer, encoder)
+    folder, key = Path(config.out) / "prepared", cache_key(config, model_dir, encoder.identity)
+    cached = load_prepared(folder, key)
+    if cached is not None:
+        return cached
+    table, items = prepare(config, model, tokenizer, encoder)
+    if write and items:
+        save_prepared(folder, key, table, items)
+    return table, items
+
+
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Train; returns the checkpoint folder (OUT/checkpoint)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -329,7 +347,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
     encoder = SentenceTransformerEncoder()
-    table, items = prepare(config, model, tokenizer, encoder)
+    table, items = _prepared_inputs(config, model_dir, model, tokenizer, encoder, write=rank == 0)
     train_answerable = [q for q in items if q.split == "train" and q.student is not None]
     train_probes = [q for q in items if q.split == "train" and q.student is None]
     validation = [q for q in items if q.split == "validation"]
