@@ -107,8 +107,8 @@ def main() -> None:
         print(f"{size} tokens: {stats['atoms']} atoms, compiled in {stats['seconds']:.1f} s")
 
     rows = []
-    server_args = ["--max-model-len", str(context)] + ([] if args.prefix_caching else ["--no-enable-prefix-caching"])
-    with vllm_server(model_dir, work / "banks", work / "serve.log", server_args) as url:
+    server_args = [] if args.prefix_caching else ["--no-enable-prefix-caching"]
+    with vllm_server(model_dir, work / "banks", work / "serve.log", server_args, max_model_len=context) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=900)
         model = client.models.list().data[0].id
         ask(client, model, [{"role": "user", "content": "Hello"}], None, 2)  # warm-up

@@ -26,12 +26,12 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def vllm_server(model: str | Path, bank_root: str | Path, log: str | Path, extra_args: Sequence[str] = (),
-                timeout: float = 300) -> Iterator[str]:
+                timeout: float = 300, max_model_len: int = 2048) -> Iterator[str]:
     """Start the server, yield its base URL once /health answers, and always stop its whole process group."""
     port = free_port()
     vllm = Path(sys.executable).parent / "vllm"
     command = [str(vllm), "serve", str(model), "--plugin", "doc2atom", "--doc2atom-bank-root", str(bank_root),
-               "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048",
+               "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
                "--gpu-memory-utilization", "0.2", *extra_args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU: plenty for small models

@@ -55,12 +55,12 @@ class ServedBackend:
         adapters = sorted((self.work_dir / "adapters").glob("*/*")) if (self.work_dir / "adapters").exists() else []
         context = json.loads((self.model_dir / "config.json").read_text()).get("max_position_embeddings", 2048)
         # ICL needs the whole document in the prompt: the model's full context, within reason on a CPU
-        args = ["--max-lora-rank", str(self.max_lora_rank), "--max-model-len", str(min(context, 8192)),
-                *self.extra_args]
+        args = ["--max-lora-rank", str(self.max_lora_rank), *self.extra_args]
         if adapters:
             args += ["--lora-modules", *(f"{p.name}={p}" for p in adapters)]
         (self.work_dir / "banks").mkdir(parents=True, exist_ok=True)
-        self._server = vllm_server(self.model_dir, self.work_dir / "banks", self.work_dir / "serve.log", args)
+        self._server = vllm_server(self.model_dir, self.work_dir / "banks", self.work_dir / "serve.log", args,
+                                   max_model_len=min(context, 8192))
         url = self._server.__enter__()
         self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
         self.base_model = self.client.models.list().data[0].id
