@@ -99,8 +99,8 @@ def main() -> None:
     for size in args.sizes:
         text, questions = long_document(size, tokenizer, args.seed + size)
         chosen = random.Random(args.seed).sample(questions, min(args.questions, len(questions)))
-        bank, stats = compile_documents({f"doc{size}": text}, checkpoint, work / "banks" / f"doc{size}",
-                                        model_dir=model_dir)
+        bank, stats = compile_documents({f"doc{size}": text}, work / "banks" / f"doc{size}", mode="amortized",
+                                        checkpoint=checkpoint, model_dir=model_dir)
         documents[size] = (text, chosen, stats)
         # bf16 bytes of one rank of the composed LoRA: A and B rows over every adapted module
         per_rank = sum(2 * sum(bank.spec.base_model.module_shape(t.module)) for t in bank.spec.targets)

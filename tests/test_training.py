@@ -10,8 +10,9 @@ import torch
 import yaml
 
 from training import losses
+from training.checkpoint import load_compiler
 from training.data.build import BuildConfig, build_dataset
-from training.trainer import Distiller, TrainConfig, load_compiler, prepare
+from training.trainer import Distiller, TrainConfig, prepare
 
 from .conftest import EXAMPLE_DOCS
 
@@ -266,14 +267,16 @@ def test_compile_route_compose_and_peft_match_the_training_path(tmp_path, datase
     calibration = load_compiler(checkpoint)[1]["router_calibration"]
     assert 0.0 < calibration["threshold"] < 1.0 and calibration["refusable"] > 0
     docs = [str(p) for p in sorted(EXAMPLE_DOCS.glob("*.md"))]
-    assert main(["compile", *docs, "--checkpoint", checkpoint, "--out", str(tmp_path / "bank")]) == 0
+    assert main(["compile", *docs, "--mode", "amortized", "--checkpoint", checkpoint,
+                 "--out", str(tmp_path / "bank")]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["documents"] == 3 and stats["atoms"] > 10 and stats["atoms_per_second"] > 0
     # --add: one more document into the existing bank, the others' shards untouched
     shards = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "bank" / "shards").iterdir()}
     extra = tmp_path / "extra.md"
     extra.write_text("The Okra Bridge spans the river Tamsel. It was opened in 1911.")
-    assert main(["compile", str(extra), "--checkpoint", checkpoint, "--out", str(tmp_path / "bank"), "--add"]) == 0
+    assert main(["compile", str(extra), "--mode", "amortized", "--checkpoint", checkpoint,
+                 "--out", str(tmp_path / "bank"), "--add"]) == 0
     capsys.readouterr()
     grown = AtomBank.load(tmp_path / "bank")
     assert len(grown.document_ids) == 4 and len(grown) > stats["atoms"]

@@ -56,11 +56,11 @@ def top_weights(checkpoint: str | Path, data: str | Path, split: str) -> tuple[l
     """The best atom's router weight for each question of the split: (answerable, to be refused)."""
     from vllm_doc2atom.router import RouterConfig, RouterPool
 
-    from .compile import DocumentCompiler
+    from .compile import AmortizedCompiler
     from .evaluate.harness import load_items
 
     _, documents, items = load_items(data, split, None, 0)
-    compile_one = DocumentCompiler(checkpoint)
+    compile_one = AmortizedCompiler(checkpoint)
     routers = RouterPool(RouterConfig(threshold=0.0))
     answerable, refusable = [], []
     with tempfile.TemporaryDirectory(prefix="doc2atom-calibrate-") as scratch:

@@ -108,12 +108,20 @@ def _parse_setting(current, value: str):
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from .compile import RefineConfig, compile_documents, read_documents
-    from .shipped import shipped_checkpoint
+    from .compile import RefineConfig, StudyConfig, compile_documents, read_documents
+    from .study.fit import FitConfig
 
+    if args.checkpoint and args.mode == "study":
+        raise ValueError("--checkpoint is for --mode amortized or optimize; study mode needs no checkpoint")
+    if args.out and Path(args.out).exists() and not (args.overwrite or args.add):
+        raise ValueError(f"{args.out} exists: pass --overwrite to replace it, or --add to add these documents to it")
     documents = read_documents(args.documents)
-    bank, stats = compile_documents(documents, args.checkpoint or shipped_checkpoint(), args.out, model_dir=args.model,
-                                    overwrite=args.overwrite, mode=args.mode, atomizer=args.atomizer, add=args.add,
+    study = StudyConfig(modules=tuple(args.modules.split(",")), last_layers=args.layers, rank=args.rank,
+                        model_questions=args.model_questions, cache=not args.no_cache,
+                        fit=FitConfig(steps=args.steps, lr=args.lr))
+    bank, stats = compile_documents(documents, args.out, mode=args.mode, checkpoint=args.checkpoint,
+                                    model_dir=args.model, overwrite=args.overwrite, atomizer=args.atomizer,
+                                    add=args.add, study=study,
                                     refine=RefineConfig(steps=args.refine_steps, lr=args.refine_lr))
     print(json.dumps({"bank": str(bank.path), **stats}, indent=2))
     return 0
@@ -143,7 +151,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     model_dir = prepare_model(cache_dir=args.cache_dir)
     print(f"base model: {model_dir}")
-    checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint()
+    checkpoint = None
+    if args.mode != "study":
+        checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint()
     return 0 if run_demo(model_dir, checkpoint, keep=args.keep, mode=args.mode) else 1
 
 
@@ -227,18 +237,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("compile", help="compile documents into an atom bank with a trained checkpoint")
+    from .compile import StudyConfig
+    from .study.fit import FitConfig
+
+    study, fit = StudyConfig(), FitConfig()
+    p = sub.add_parser("compile", help="compile documents into an atom bank",
+                       description="Cut documents into atoms and make each atom's micro-LoRA. --mode study (default) "
+                                   "fits them by self-study with the base model itself (any causal LM folder, no "
+                                   "trained compiler); amortized/optimize use a trained memory compiler checkpoint.")
     p.add_argument("documents", nargs="+", help=".txt/.md files (id = file name) or .jsonl of {id, text}")
-    p.add_argument("--checkpoint", help="a checkpoint folder written by `doc2atom train` (default: the shipped "
-                                        "checkpoint of the default base model)")
     p.add_argument("--out", required=True, help="bank folder to write")
-    p.add_argument("--model", help="base model folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--model", help="base model: a packaged name or a Hugging Face model folder (study default: "
+                                   "smollm2-135m-instruct; amortized: the checkpoint's)")
+    p.add_argument("--checkpoint", help="amortized/optimize: a checkpoint folder written by `doc2atom train` "
+                                        "(default: the shipped checkpoint of the default base model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bank")
     p.add_argument("--add", action="store_true", help="add the documents to the existing bank at --out (same "
                                                       "checkpoint; a document with the same id is replaced)")
-    p.add_argument("--mode", choices=["amortized", "optimize"], default="amortized",
-                   help="amortized: one compiler pass per atom; optimize: then refine each atom's micro-LoRA by "
-                        "context distillation against the base model reading the document (slower)")
+    p.add_argument("--mode", choices=["study", "amortized", "optimize"], default="study",
+                   help="study: fit every atom by self-study (questions + the base model reading the document as "
+                        "teacher; the atoms of a document fitted together, composed as served); amortized: one "
+                        "compiler pass per atom; optimize: amortized, then a few context-distillation steps per atom")
+    p.add_argument("--modules", default=",".join(study.modules), help="study: adapted linears (comma-separated)")
+    p.add_argument("--layers", type=int, default=study.last_layers, help="study: adapt the last N layers")
+    p.add_argument("--rank", type=int, default=study.rank, help="study: micro-LoRA rank per atom")
+    p.add_argument("--steps", type=int, default=fit.steps, help="study: optimizer steps per document")
+    p.add_argument("--lr", type=float, default=fit.lr, help="study: learning rate")
+    p.add_argument("--model-questions", type=int, default=study.model_questions,
+                   help="study: questions sampled from the base model per atom (besides the rule-made ones)")
+    p.add_argument("--no-cache", action="store_true", help="study: recompute even documents already studied")
     p.add_argument("--refine-steps", type=int, default=8, help="optimize mode: steps per atom")
     p.add_argument("--refine-lr", type=float, default=1e-3, help="optimize mode: learning rate")
     p.add_argument("--atomizer", choices=["rules", "chunks"], default="rules",
@@ -279,10 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="compile example documents, serve them with vLLM, ask questions (the README's main job)")
     p.add_argument("--cache-dir", help="model cache folder")
-    p.add_argument("--checkpoint", help="compiler checkpoint (default: the shipped one)")
+    p.add_argument("--checkpoint", help="amortized/optimize: compiler checkpoint (default: the shipped one)")
     p.add_argument("--keep", action="store_true", help="keep the bank and the server log")
-    p.add_argument("--mode", choices=["amortized", "optimize"], default="amortized",
-                   help="compile mode: optimize refines every atom by context distillation (~25 s/document on a CPU)")
+    p.add_argument("--mode", choices=["study", "amortized", "optimize"], default="study",
+                   help="compile mode (see `doc2atom compile --help`): study fits every atom by self-study "
+                        "(default); amortized uses the shipped compiler; optimize refines its atoms")
     p.set_defaults(func=_demo)
     return parser
 

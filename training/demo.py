@@ -1,6 +1,6 @@
 """`doc2atom demo`: the product end to end on the packaged default model.
 
-prepare SmolLM2-135M-Instruct -> compile examples/docs into an atom bank with the shipped checkpoint ->
+prepare SmolLM2-135M-Instruct -> compile examples/docs into an atom bank (self-study by default) ->
 start `vllm serve MODEL --plugin doc2atom` -> ask in-scope and off-topic questions with the openai SDK ->
 print each answer with the atoms (and spans) it was composed from, and the refusals -> stop, clean up.
 """
@@ -27,8 +27,8 @@ QUESTIONS = [
 ]
 
 
-def run_demo(model_dir: Path, checkpoint: Path, work_dir: Path | None = None, keep: bool = False,
-             mode: str = "amortized") -> bool:
+def run_demo(model_dir: Path, checkpoint: Path | None = None, work_dir: Path | None = None, keep: bool = False,
+             mode: str = "study") -> bool:
     import openai
 
     from .compile import compile_documents, read_documents
@@ -38,10 +38,11 @@ def run_demo(model_dir: Path, checkpoint: Path, work_dir: Path | None = None, ke
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="doc2atom-demo-"))
     try:
         documents = read_documents(sorted(EXAMPLE_DOCS.glob("*.md")))
-        bank, stats = compile_documents(documents, checkpoint, work_dir / "banks" / "examples", model_dir=model_dir,
-                                        mode=mode)
+        bank, stats = compile_documents(documents, work_dir / "banks" / "examples", mode=mode,
+                                        checkpoint=checkpoint, model_dir=model_dir)
+        how = "self-study" if mode == "study" else f"{checkpoint.name} ({mode})"
         print(f"\natom bank 'examples': {stats['atoms']} atoms from {stats['documents']} documents, compiled by "
-              f"{checkpoint.name} in {stats['seconds']:.1f} s")
+              f"{how} in {stats['seconds']:.1f} s ({stats['seconds_per_atom']:.1f} s per atom)")
 
         print(f"\nstarting vllm serve {model_dir.name} --plugin doc2atom (about a minute on a CPU) ...")
         right = 0

@@ -31,6 +31,7 @@ from vllm_doc2atom.composer import stack_factors
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
 
 from . import losses
+from .checkpoint import CHECKPOINT_VERSION, load_compiler, read_checkpoint_meta
 from .data.records import ANSWERABLE
 from .model import CompilerConfig, MemoryCompiler
 from .student import AtomInputs, LoRAHooks, StudentExample, atom_features, encode_students, run_last_layers
@@ -530,7 +531,6 @@ def validate(distiller: Distiller, items: list[QuestionItem], k: int, threshold:
 # ---- checkpoints ---------------------------------------------------------------------------------------------
 
 
-CHECKPOINT_VERSION = 2  # 2: the compiler reads atom tokens (slots); 1 read pooled features and cannot be loaded
 
 
 def save_checkpoint(path: Path, compiler: MemoryCompiler, optimizer: torch.optim.Optimizer, step: int,
@@ -564,26 +564,6 @@ def _swap_in(tmp: Path, path: Path) -> None:
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def read_checkpoint_meta(path: Path) -> dict[str, Any]:
-    """checkpoint.json, refused with a clear message when its format version is not this code's."""
-    meta = json.loads((path / "checkpoint.json").read_text())
-    if meta.get("format_version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path} has format version {meta.get('format_version')}, this doc2atom reads "
-                         f"version {CHECKPOINT_VERSION} (a different compiler architecture): retrain it with "
-                         "`doc2atom train`, or use the shipped checkpoint")
-    return meta
-
-
-def load_compiler(path: str | Path) -> tuple[MemoryCompiler, dict[str, Any]]:
-    """A trained compiler and its checkpoint metadata."""
-    path = Path(path)
-    meta = read_checkpoint_meta(path)
-    compiler = MemoryCompiler(CompilerConfig(**meta["compiler"]))
-    tensors = load_file(str(path / "compiler.safetensors"))
-    compiler.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    return compiler.eval(), meta
 
 
 def export_checkpoint(source: str | Path, out: str | Path) -> Path:

@@ -49,6 +49,7 @@ class RouterHead:
     confidence_scale: float = 0.0
     metadata: bool = False  # the metadata terms were trained with the head
     threshold: float | None = None  # refusal threshold calibrated for this head (`doc2atom checkpoint calibrate`)
+    max_atoms: int | None = None  # compose at most this many (the atoms were fitted in compositions this size)
 
     def weight(self, similarity: float, atom: AtomRecord, rerank: float | None, stage2: bool) -> float:
         logit = self.sim_scale * (similarity - self.sim_center)
@@ -163,8 +164,9 @@ class Router:
                     continue  # a contradicting atom with a higher weight is already in
                 groups_taken.add(group)
             kept.append(c)
-        if cfg.max_atoms is not None:
-            kept = kept[: cfg.max_atoms]
+        limits = [n for n in (cfg.max_atoms, head.max_atoms) if n is not None]
+        if limits:
+            kept = kept[: min(limits)]
         return RoutingResult(query=query, kept=kept, candidates=candidates)
 
 

@@ -85,7 +85,7 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
     atoms = atomize(corpus, config)
     atomized = time.perf_counter()
     questions = corpus.questions + off_topic_probes(corpus, config.probes_per_document, config.seed)
-    splits = {doc_id: split_of(doc_id) for doc_id in corpus.documents}
+    splits = {doc_id: doc.split or split_of(doc_id) for doc_id, doc in corpus.documents.items()}
 
     config.out.mkdir(parents=True, exist_ok=True)
     write_jsonl(config.out / "documents.jsonl",

@@ -18,6 +18,7 @@ class Document:
     text: str
     title: str = ""
     source: str = ""  # which loader made it, e.g. "squad2"
+    split: str = ""  # a split fixed by the source (your own held-out file); "" = hashed from the id
 
 
 @dataclass

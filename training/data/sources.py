@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from training.data.records import ANSWERABLE, UNANSWERABLE, Corpus, Document, Question
+from training.data.splits import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class _Builder:
         self.documents: dict[str, Document] = {}
         self.questions: dict[str, Question] = {}
 
-    def document(self, text: str, title: str = "", doc_id: str | None = None) -> str | None:
+    def document(self, text: str, title: str = "", doc_id: str | None = None, split: str = "") -> str | None:
         """The id of the document with this text (new or known); None once the limit is reached."""
         doc_id = doc_id or f"{self.source}/{_digest(text)}"
         known = self.documents.get(doc_id)
@@ -71,7 +72,7 @@ class _Builder:
             return None
         if not text.strip():
             raise ValueError(f"document {doc_id!r} has no text")
-        self.documents[doc_id] = Document(doc_id, text, title, self.source)
+        self.documents[doc_id] = Document(doc_id, text, title, self.source, split)
         return doc_id
 
     def question(self, qid: str, doc_id: str | None, question: str, answers: list[str],
@@ -238,14 +239,17 @@ def _add_jsonl_record(builder: _Builder, record: Any, line: int) -> None:
         raise ValueError("'document' and 'question' must be strings")
     if isinstance(answers, str) or not all(isinstance(a, str) for a in answers):
         raise ValueError("'answers' must be a list of strings")
-    given_id = record.get("document_id")
-    doc_id = builder.document(text, str(record.get("title") or ""), None if given_id is None else str(given_id))
+    given_id, split = record.get("document_id"), str(record.get("split") or "")
+    if split and split not in SPLITS:
+        raise ValueError(f"'split' must be one of {SPLITS}, got {split!r}")
+    doc_id = builder.document(text, str(record.get("title") or ""), None if given_id is None else str(given_id),
+                              split)
     if doc_id is not None:
         builder.question(str(record.get("id") or f"{doc_id}#{line}"), doc_id, question, _unique(answers))
 
 
 def load_jsonl(path: str | Path, limit: int | None = None) -> Corpus:
-    """User JSONL: {"document", "question", "answers"?, "document_id"?, "id"?, "title"?} per line."""
+    """User JSONL: {"document", "question", "answers"?, "document_id"?, "id"?, "title"?, "split"?} per line."""
     path, builder = Path(path), _Builder("jsonl", limit)
     with path.open(encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):

@@ -17,19 +17,22 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ROUTED = ("doc2atom", "doc2atom_optimize")
-MONOLITHIC = ("d2l_raw", "d2l_atom")
+ROUTED = ("doc2atom", "doc2atom_optimize", "doc2atom_study")
+MONOLITHIC = ("d2l_raw", "d2l_atom", "d2l_study")
 NO_ARTIFACT = ("base", "icl")
-METHODS = ("base", "icl", "d2l_raw", "d2l_atom", "doc2atom", "doc2atom_optimize")
+METHODS = ("base", "icl", "d2l_raw", "d2l_atom", "d2l_study", "doc2atom", "doc2atom_optimize", "doc2atom_study")
+STUDY_METHODS = ("doc2atom_study", "d2l_study")  # no checkpoint: self-study with the base model
 
 
 @dataclass(frozen=True)
 class MethodRecipe:
-    checkpoint: str
+    checkpoint: str | None  # None: self-study
     mode: str = "amortized"
     atomizer: str = "rules"
     refine_steps: int = 8  # optimize mode (RefineConfig)
     refine_lr: float = 1e-3
+    model: str | None = None  # study mode: the base model
+    monolithic: bool = False  # study mode: one adapter per document (the Doc-to-LoRA baseline)
 
 
 def artifact_name(method: str, document_id: str) -> str:
@@ -50,10 +53,13 @@ def compile_method(method: str, recipe: MethodRecipe, documents: dict[str, str],
     """Compile every document for one method under work_dir (banks/ or adapters/); return its costs."""
     from vllm_doc2atom.composer import compose, save_peft_adapter
 
-    from ..compile import DocumentCompiler, RefineConfig, peak_memory_mb
+    from ..compile import AmortizedCompiler, RefineConfig, StudyCompiler, peak_memory_mb
 
-    compiler = DocumentCompiler(recipe.checkpoint, mode=recipe.mode, atomizer=recipe.atomizer,
-                                refine=RefineConfig(recipe.refine_steps, recipe.refine_lr))
+    if recipe.mode == "study":
+        compiler = StudyCompiler(recipe.model, atomizer=recipe.atomizer, monolithic=recipe.monolithic)
+    else:
+        compiler = AmortizedCompiler(recipe.checkpoint, mode=recipe.mode, atomizer=recipe.atomizer,
+                                     refine=RefineConfig(recipe.refine_steps, recipe.refine_lr))
     seconds, sizes, dropped = [], [], 0
     for doc_id, text in documents.items():
         start = time.perf_counter()
@@ -61,7 +67,7 @@ def compile_method(method: str, recipe: MethodRecipe, documents: dict[str, str],
         if compiled is None:
             continue
         bank_dir = work_dir / ("banks" if method in ROUTED else "monolithic-banks") / artifact_name(method, doc_id)
-        bank = compiler.create_bank(bank_dir, [compiled], overwrite=True)
+        bank = compiler.create_bank(bank_dir, [compiled], overwrite=True)  # routed: calibrated on its document
         if method in MONOLITHIC:  # Doc-to-LoRA: the whole document as one adapter, no routing
             adapter = compose(bank, [(row, 1.0) for row in range(len(bank))], max_rank)
             dropped += len(adapter.dropped)
@@ -75,7 +81,7 @@ def compile_method(method: str, recipe: MethodRecipe, documents: dict[str, str],
         seconds.append(time.perf_counter() - start)
     return {"documents": len(seconds), "compile_seconds_per_document": round(sum(seconds) / max(len(seconds), 1), 3),
             "compile_peak_memory_mb": peak_memory_mb(), "bytes_per_document": round(sum(sizes) / max(len(sizes), 1)),
-            "atoms_dropped_for_rank": dropped, "checkpoint": recipe.checkpoint, "mode": recipe.mode,
+            "atoms_dropped_for_rank": dropped, **compiler.stats(), "checkpoint": recipe.checkpoint, "mode": recipe.mode,
             "atomizer": recipe.atomizer}
 
 

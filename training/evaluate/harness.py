@@ -16,7 +16,7 @@ from tqdm import tqdm
 from ..data.build import write_jsonl
 from ..data.records import ANSWERABLE
 from ..models import DEFAULT_MODEL
-from .artifacts import METHODS, NO_ARTIFACT, MethodRecipe, compile_all
+from .artifacts import METHODS, NO_ARTIFACT, STUDY_METHODS, MethodRecipe, compile_all
 from .backends import Backend, Reply
 from .scoring import best_over, contains, exact_match, looks_like_refusal, refusal_scores, token_f1
 
@@ -80,7 +80,7 @@ def load_items(folder: str | Path, split: str, limit: int | None, seed: int) -> 
     return name, documents, items
 
 
-def recipes_for(config: EvalConfig) -> tuple[dict[str, MethodRecipe], dict[str, str]]:
+def recipes_for(config: EvalConfig, model_dir: Path) -> tuple[dict[str, MethodRecipe], dict[str, str]]:
     """What to compile for each requested method, and why a method is skipped (a missing checkpoint)."""
     checkpoints = {"doc2atom": config.checkpoint, "doc2atom_optimize": config.checkpoint,
                    "d2l_atom": config.d2l_atom_checkpoint, "d2l_raw": config.d2l_raw_checkpoint}
@@ -89,6 +89,10 @@ def recipes_for(config: EvalConfig) -> tuple[dict[str, MethodRecipe], dict[str, 
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
         if method in NO_ARTIFACT:
+            continue
+        if method in STUDY_METHODS:
+            recipes[method] = MethodRecipe(None, mode="study", model=str(model_dir),
+                                           monolithic=method == "d2l_study")
             continue
         if not checkpoints[method]:
             skipped[method] = "no checkpoint given"
@@ -134,13 +138,13 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     datasets = [load_items(folder, config.split, config.limit, config.seed) for folder in config.data]
     documents = {doc_id: text for _, docs, _ in datasets for doc_id, text in docs.items()}
     items = [item for _, _, dataset_items in datasets for item in dataset_items]
-    recipes, skipped = recipes_for(config)
+    checkpoint = config.checkpoint or config.d2l_atom_checkpoint or config.d2l_raw_checkpoint
+    model_name = config.model or (_trained_on(checkpoint) if checkpoint else DEFAULT_MODEL)
+    model_dir = prepare_model(model_name) if model_name in PACKAGED_MODELS else Path(model_name)
+    recipes, skipped = recipes_for(config, model_dir)
     methods = [m for m in config.methods if m not in skipped]
     for method, why in skipped.items():
         logger.warning("skipping %s: %s", method, why)
-
-    model_name = config.model or next((_trained_on(r.checkpoint) for r in recipes.values()), DEFAULT_MODEL)
-    model_dir = prepare_model(model_name) if model_name in PACKAGED_MODELS else Path(model_name)
     costs = compile_all(recipes, documents, out, config.max_lora_rank)
 
     rows: list[dict[str, Any]] = []

@@ -1,48 +1,26 @@
-"""`doc2atom compile`: documents -> atoms -> a trained compiler's micro-LoRAs, gates and keys -> an atom bank.
-
-Modes: `amortized` (the paper's: one compiler forward per atom) and `optimize` (then a few steps of context
-distillation per atom, for users who want the most accuracy: see `refine_atom`). The bank carries the trained
+"""Compile modes `amortized` (the paper's: one forward pass of a trained memory compiler per atom) and
+`optimize` (then a few steps of context distillation per atom: see `refine_atom`). The bank carries the trained
 query projection and router head, so a server routes it exactly as it was trained.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import resource
-import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from vllm_doc2atom.bank import AtomBank, BankSpec, DocumentAtoms, Target
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
 
-from . import losses
-from .atomize.rules import RuleAtomizer
-from .student import LoRAHooks, atom_features
-from .trainer import load_compiler
+from .. import losses
+from ..checkpoint import load_compiler
+from ..student import LoRAHooks, atom_features
+from .documents import make_atomizer
 
 logger = logging.getLogger(__name__)
-
-
-def read_documents(paths: list[str | Path]) -> dict[str, str]:
-    """.txt / .md files (id = file stem) and .jsonl files of {"id", "text"} (or {"document_id", "document"})."""
-    documents: dict[str, str] = {}
-    for path in map(Path, paths):
-        if path.suffix == ".jsonl":
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    record = json.loads(line)
-                    doc_id = record.get("id") or record.get("document_id") or f"{path.stem}-{n}"
-                    documents[str(doc_id)] = record.get("text") or record["document"]
-        else:
-            documents[path.stem] = path.read_text(encoding="utf-8")
-    return documents
 
 
 @dataclass
@@ -90,7 +68,7 @@ def refine_atom(model, tokenizer, hooks: LoRAHooks, document: str, atom_text: st
     return before, after
 
 
-class DocumentCompiler:
+class AmortizedCompiler:
     """A trained checkpoint loaded with its base model: turns one document at a time into bank-ready atoms."""
 
     def __init__(self, checkpoint: str | Path, model_dir: str | Path | None = None, mode: str = "amortized",
@@ -99,7 +77,7 @@ class DocumentCompiler:
 
         from vllm_doc2atom.encoders import SentenceTransformerEncoder
 
-        from .models import PACKAGED_MODELS, prepare_model
+        from ..models import PACKAGED_MODELS, prepare_model
 
         if mode not in ("amortized", "optimize"):
             raise ValueError(f"unknown compile mode {mode!r} (amortized or optimize)")
@@ -125,7 +103,7 @@ class DocumentCompiler:
                              checkpoint=self.meta.get("exported_from")
                              or f"{Path(checkpoint).resolve().parent.name}@step{self.meta['step']}",
                              router_head=asdict(replace(self.compiler.head.export(), threshold=calibrated)))
-        self.atomizer = _atomizer(atomizer)
+        self.atomizer = make_atomizer(atomizer)
         self.hooks = LoRAHooks(self.model, self.targets) if mode == "optimize" else None
         self.kl_before: list[float] = []
         self.kl_after: list[float] = []
@@ -161,50 +139,15 @@ class DocumentCompiler:
     def create_bank(self, out: str | Path, compiled: list[DocumentAtoms], overwrite: bool = False) -> AtomBank:
         return AtomBank.create(out, self.spec, compiled, overwrite=overwrite, query_projection=self.projection)
 
+    def compatible(self, spec: BankSpec) -> bool:
+        """Can atoms compiled now be added to a bank of this spec (same weights, targets, calibration)?"""
+        return spec == self.spec
 
-def _atomizer(name: str):
-    if name == "rules":
-        return RuleAtomizer()
-    if name == "chunks":  # the d2l_raw baseline: fixed windows
-        from .atomize.chunks import ChunkAtomizer
-
-        return ChunkAtomizer()
-    raise ValueError(f"unknown atomizer {name!r} for compile (rules or chunks)")
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    def stats(self) -> dict[str, float]:
+        """Optimize mode: how much closer the atoms' adapters got to the teacher."""
+        if not self.kl_before:
+            return {}
+        return {"context_kl_before": round(sum(self.kl_before) / len(self.kl_before), 4),
+                "context_kl_after": round(sum(self.kl_after) / len(self.kl_after), 4)}
 
 
-def compile_documents(documents: Mapping[str, str], checkpoint: str | Path, out: str | Path,
-                      model_dir: str | Path | None = None, overwrite: bool = False, mode: str = "amortized",
-                      refine: RefineConfig | None = None, atomizer: str = "rules",
-                      add: bool = False) -> tuple[AtomBank, dict]:
-    """Compile documents into a bank at `out` (or, with `add`, into the existing bank there, replacing documents
-    of the same id; the other shards stay untouched). Returns the bank and timing stats."""
-    start = time.perf_counter()
-    compile_one = DocumentCompiler(checkpoint, model_dir, mode, refine, atomizer)
-    loaded = time.perf_counter()
-    compiled = [c for doc_id, text in tqdm(documents.items(), desc=f"compile ({mode})", unit="doc")
-                if (c := compile_one(doc_id, text)) is not None]
-    if add and Path(out).exists():
-        bank = AtomBank.load(out)
-        if bank.spec != compile_one.spec:
-            raise ValueError(f"bank {out} was compiled with {bank.spec.checkpoint} as it was then, which differs from "
-                             f"{compile_one.spec.checkpoint} now (weights, targets or router calibration): their "
-                             "atoms could not be routed and composed together; compile into a new bank instead")
-        bank = bank.add_documents(compiled, replace=True)
-    else:
-        bank = compile_one.create_bank(out, compiled, overwrite=overwrite)
-    seconds = time.perf_counter() - start
-    atom_count = sum(len(c.atoms) for c in compiled)
-    stats = {"mode": mode, "documents": len(compiled), "atoms": atom_count, "seconds": round(seconds, 2),
-             "load_seconds": round(loaded - start, 2),
-             "seconds_per_document": round((seconds - (loaded - start)) / max(len(compiled), 1), 3),
-             "atoms_per_second": round(atom_count / max(seconds, 1e-9), 1), "peak_memory_mb": peak_memory_mb()}
-    if compile_one.kl_before:  # optimize mode: how much closer the atoms' adapters got to the teacher
-        stats["context_kl_before"] = round(sum(compile_one.kl_before) / len(compile_one.kl_before), 4)
-        stats["context_kl_after"] = round(sum(compile_one.kl_after) / len(compile_one.kl_after), 4)
-    logger.info("compiled %s", stats)
-    return bank, stats

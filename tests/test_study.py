@@ -1,0 +1,125 @@
+"""Self-study compilation (`doc2atom compile --mode study`): questions, prefix-shared generation, joint fitting
+of a document's atoms as they are served, calibration, the content cache — on tiny Llama and Gemma2 models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from training.study import questions as q
+from training.study.fit import Composer, Example, FitConfig, fit_document
+from training.study.generation import chat_prompt_ids, generate, split_common_prefix
+from vllm_doc2atom.bank import AtomBank, Target
+
+from .conftest import EXAMPLE_DOCS
+
+
+def test_span_questions_ask_for_each_answer_span_with_its_wh_phrase():
+    asked = q.span_questions("The harbor of Quillon was built in 1743 by the shipwright Odela Vance.")
+    assert "The harbor of Quillon was built in which year by the shipwright Odela Vance?" in asked
+    assert "The harbor of Quillon was built in 1743 by the shipwright who?" in asked
+    assert q.span_questions("Its lighthouse is 41 meters tall.") == ["Its lighthouse is how many meters tall?"]
+    assert q.span_questions("It was nice.") == []  # nothing to ask for
+
+
+def test_model_questions_are_kept_only_when_they_are_questions_about_the_atom():
+    atom = "The harbor master today is Teodor Plash, who keeps a ledger of every ship."
+    assert q.clean_model_question('Question: "Who is the harbor master today?" I hope', atom) == \
+        "Who is the harbor master today?"
+    assert q.clean_model_question("What is the answer to this question?", atom) is None  # about the task
+    assert q.clean_model_question("Who won the 1998 world cup?", atom) is None  # about something else
+    assert q.clean_model_question("The harbor master is Teodor Plash.", atom) is None  # not a question
+    assert q.document_subject("# The Harbor of Quillon\n\nQuillon is a town.") == "The Harbor of Quillon"
+
+
+def test_prefix_shared_generation_matches_transformers_generate(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    document = "The Amber Needle is 41 meters tall. " * 3
+    prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": document + question}])
+               for question in ("How tall is it?", "Who built the harbor of Quillon?", "Why?")]
+    prefix, rests = split_common_prefix(prompts)
+    assert len(prefix) > 10 and all(prefix + rest == p for rest, p in zip(rests, prompts))
+    ours = generate(model, tokenizer, prompts, 6, top_k=4)
+    for prompt, got in zip(prompts, ours):
+        reference = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        tokens = reference.sequences[0, len(prompt):].tolist()[: len(got.tokens)]
+        assert got.tokens == tokens
+        top = torch.log_softmax(torch.stack(reference.logits)[: len(got.tokens), 0], -1).topk(4, -1)
+        torch.testing.assert_close(got.topk_logprobs, top.values, atol=1e-4, rtol=0)
+
+
+def test_compositions_follow_the_router_add_distractors_and_protect_unrelated_prompts():
+    composer = Composer(5, FitConfig(router_share=1.0, alone_share=0.0))
+    routed = Example(2, [1], torch.tensor([3]), torch.tensor([[3]]), torch.tensor([[0.0]]), routed=[(4, 0.9)])
+    assert dict(composer.draw(routed)).keys() == {2, 4}  # the router missed the gold atom: it is added
+    composer = Composer(5, FitConfig(router_share=0.0, alone_share=0.0, max_distractors=2))
+    for _ in range(20):
+        drawn = composer.draw(routed)
+        assert drawn[0][0] == 2 and 2 <= len(drawn) <= 3 and len({i for i, _ in drawn}) == len(drawn)
+    protection = Example(-1, [1], torch.tensor([3]), torch.tensor([[3]]), torch.tensor([[0.0]]))
+    assert all(0.3 <= w <= 1.0 for _, w in composer.draw(protection))
+    rows, weights = composer.batch([routed, protection])
+    assert rows.shape == weights.shape and (weights >= 0).all()
+
+
+def test_fitting_a_documents_atoms_together_lowers_the_distillation_loss(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval().requires_grad_(False)
+    targets = [Target("down_proj", 3)]
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for atom in range(3):
+        answer = torch.randint(5, 100, (4,), generator=generator)
+        ids = torch.full((4, 2), -1)
+        ids[:, 0] = answer
+        examples.append(Example(atom, [1, 7 + atom, 9], answer, ids, torch.zeros(4, 2)))
+    shapes = {"down_proj": (256, 128)}
+    result = fit_document(model, targets, 3, 2, 1.0, examples, shapes, FitConfig(steps=30, lr=1e-2, batch_size=3))
+    assert result.loss_last < 0.7 * result.loss_first
+    assert result.a[targets[0]].shape == (3, 2, 256) and result.b[targets[0]].shape == (3, 128, 2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_study_compile_needs_no_checkpoint_caches_by_content_and_adds(tmp_path, monkeypatch, capsys, arch):
+    from training.cli import main
+    from training.models import build_tiny_model
+
+    monkeypatch.setenv("DOC2ATOM_CACHE", str(tmp_path / "cache"))
+    model = build_tiny_model(tmp_path / arch, arch=arch)
+    docs = [str(p) for p in sorted(EXAMPLE_DOCS.glob("*.md"))]
+    common = ["--model", str(model), "--steps", "3", "--model-questions", "1"]
+    assert main(["compile", *docs[:2], "--out", str(tmp_path / "bank"), *common]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["mode"] == "study" and stats["documents"] == 2 and stats["atoms"] > 5
+    assert stats["seconds_per_atom"] > 0 and stats["bytes_per_atom"] > 0 and stats["peak_memory_mb"] > 0
+    assert set(stats["stage_seconds"]) >= {"questions", "teacher", "fit"}
+    bank = AtomBank.load(tmp_path / "bank")
+    head = bank.spec.router_head
+    assert 0.0 < head["threshold"] < 1.0 and head["max_atoms"] == 3  # calibrated on its own study questions
+    assert bank.spec.checkpoint.startswith("self-study") and "+proj" not in bank.spec.key_encoder
+    a = bank.factors([0])[bank.spec.targets[0]][0]
+    assert torch.isfinite(a).all() and a.abs().sum() > 0
+
+    # the same documents again: every one comes from the content cache
+    assert main(["compile", *docs[:2], "--out", str(tmp_path / "again"), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["stage_seconds"]["cached_documents"] == 2
+    # existing bank without --overwrite / --add: a clear error, nothing touched
+    assert main(["compile", docs[2], "--out", str(tmp_path / "bank"), *common]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    # --add: one more document, the others' shards untouched
+    shards = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "bank" / "shards").iterdir()}
+    assert main(["compile", docs[2], "--out", str(tmp_path / "bank"), "--add", *common]) == 0
+    capsys.readouterr()
+    grown = AtomBank.load(tmp_path / "bank")
+    assert len(grown.document_ids) == 3 and grown.spec.router_head == head
+    assert all((tmp_path / "bank" / "shards" / name).stat().st_mtime_ns == t for name, t in shards.items())
+    # another adapter shape cannot join this bank
+    assert main(["compile", docs[2], "--out", str(tmp_path / "bank"), "--add", "--rank", "2", *common]) == 2
+    assert "compile into a new bank" in capsys.readouterr().err

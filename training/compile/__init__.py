@@ -1,0 +1,55 @@
+"""`doc2atom compile`: documents -> atoms -> micro-LoRAs, gates and keys -> an atom bank.
+
+One module per way of making the factors — `study` (self-study at compile time: any base model, no trained
+compiler; the default), `amortized` / `optimize` (a trained memory compiler checkpoint) — and one shared path
+from documents to a bank (`pipeline`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from vllm_doc2atom.bank import AtomBank
+
+from .amortized import AmortizedCompiler, RefineConfig
+from .documents import make_atomizer, read_documents
+from .pipeline import DocumentCompiler, compile_with, peak_memory_mb
+from .study import StudyCompiler, StudyConfig
+
+MODES = ("study", "amortized", "optimize")
+
+__all__ = ["MODES", "AmortizedCompiler", "DocumentCompiler", "RefineConfig", "StudyCompiler", "StudyConfig",
+           "compile_documents", "compile_with", "make_atomizer", "make_compiler", "peak_memory_mb",
+           "read_documents"]
+
+
+def make_compiler(mode: str = "study", checkpoint: str | Path | None = None, model_dir: str | Path | None = None,
+                  refine: RefineConfig | None = None, study: StudyConfig | None = None,
+                  atomizer: str = "rules") -> DocumentCompiler:
+    """The document compiler of a mode. study: model_dir (default: the packaged default model); amortized and
+    optimize: a checkpoint (default: the shipped one) and its base model."""
+    if mode == "study":
+        from ..models import DEFAULT_MODEL, PACKAGED_MODELS, prepare_model
+
+        name = str(model_dir or DEFAULT_MODEL)
+        return StudyCompiler(prepare_model(name) if name in PACKAGED_MODELS else Path(name), study, atomizer)
+    if mode in ("amortized", "optimize"):
+        from ..shipped import shipped_checkpoint
+
+        return AmortizedCompiler(checkpoint or shipped_checkpoint(), model_dir, mode, refine, atomizer)
+    raise ValueError(f"unknown compile mode {mode!r} (choose from {', '.join(MODES)})")
+
+
+def compile_documents(documents: Mapping[str, str], out: str | Path, mode: str = "study",
+                      checkpoint: str | Path | None = None, model_dir: str | Path | None = None,
+                      overwrite: bool = False, refine: RefineConfig | None = None,
+                      study: StudyConfig | None = None, atomizer: str = "rules",
+                      add: bool = False) -> tuple[AtomBank, dict]:
+    """Compile documents into a bank at `out` (with `add`: into the existing bank there). Returns the bank and
+    its stats (timings, atoms/s, bytes per atom, peak memory, and the mode's own)."""
+    start = time.perf_counter()
+    compile_one = make_compiler(mode, checkpoint, model_dir, refine, study, atomizer)
+    return compile_with(compile_one, documents, out, overwrite=overwrite, add=add,
+                        load_seconds=time.perf_counter() - start)

@@ -1,0 +1,74 @@
+"""The path every compile mode shares: documents -> one DocumentCompiler call per document -> an atom bank
+(new, or added to an existing one), with timings, atoms/s and peak memory."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from tqdm import tqdm
+
+from vllm_doc2atom.bank import AtomBank, BankSpec, DocumentAtoms
+
+logger = logging.getLogger(__name__)
+
+
+class DocumentCompiler(Protocol):
+    mode: str
+    spec: BankSpec
+
+    def __call__(self, doc_id: str, text: str) -> DocumentAtoms | None: ...
+
+    def create_bank(self, out: str | Path, compiled: list[DocumentAtoms], overwrite: bool = False) -> AtomBank: ...
+
+    def compatible(self, spec: BankSpec) -> bool: ...
+
+    def stats(self) -> dict: ...
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def compile_with(compile_one: DocumentCompiler, documents: Mapping[str, str], out: str | Path,
+                 overwrite: bool = False, add: bool = False, load_seconds: float = 0.0) -> tuple[AtomBank, dict]:
+    """Compile documents into a bank at `out` (or, with `add`, into the existing bank there, replacing documents
+    of the same id; the other shards stay untouched). Returns the bank and timing stats."""
+    start = time.perf_counter()
+    existing = AtomBank.load(out) if add and Path(out).exists() else None
+    if existing is not None and not compile_one.compatible(existing.spec):
+        raise ValueError(f"bank {out} was compiled with {existing.spec.checkpoint} ({existing.spec.micro_rank=}, "
+                         f"{len(existing.spec.targets)} targets) as it was then, which differs from this compile "
+                         f"({compile_one.spec.checkpoint}): their atoms could not be routed and composed together; "
+                         "compile into a new bank instead")
+    compiled, atoms = [], 0
+    with tqdm(documents.items(), desc=f"compile ({compile_one.mode})", unit="doc") as bar:
+        for doc_id, text in bar:
+            result = compile_one(doc_id, text)
+            if result is not None:
+                compiled.append(result)
+                atoms += len(result.atoms)
+            bar.set_postfix(atoms=atoms, atoms_per_s=f"{atoms / max(time.perf_counter() - start, 1e-9):.2f}")
+    if existing is not None:
+        bank = existing.add_documents(compiled, replace=True)
+    else:
+        bank = compile_one.create_bank(out, compiled, overwrite=overwrite)
+    seconds = time.perf_counter() - start
+    stats = {"mode": compile_one.mode, "documents": len(compiled), "atoms": atoms,
+             "seconds": round(seconds + load_seconds, 2), "load_seconds": round(load_seconds, 2),
+             "seconds_per_document": round(seconds / max(len(compiled), 1), 3),
+             "seconds_per_atom": round(seconds / max(atoms, 1), 3),
+             "atoms_per_second": round(atoms / max(seconds, 1e-9), 3),
+             "bytes_per_atom": round(_shard_bytes(bank) / max(len(bank), 1)), "peak_memory_mb": peak_memory_mb(),
+             **compile_one.stats()}
+    logger.info("compiled %s", stats)
+    return bank, stats
+
+
+def _shard_bytes(bank: AtomBank) -> int:
+    return sum(p.stat().st_size for p in (bank.path / "shards").glob("*.safetensors"))

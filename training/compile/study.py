@@ -1,0 +1,311 @@
+"""Compile mode `study`: every atom's micro-LoRA is fitted at compile time by self-study — no trained compiler.
+
+Per document: study questions for each atom (rules + the base model, `training.study.questions`), the base model
+READING the document answers them (the teacher, top-k log-probabilities kept), and the document's atoms are fitted
+together so that the base model WITHOUT the document, with the atoms composed as the server will compose them,
+answers the same (`training.study.fit`). Keys are the sentence encoder's embeddings of the atoms (no trained
+projection); the refusal threshold is calibrated on the bank's own study questions against off-topic probes.
+
+Questions + teacher answers and fitted factors are cached by content under $DOC2ATOM_CACHE/study, so a rerun or
+`compile --add` skips the documents already done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from vllm_doc2atom.bank import AtomBank, AtomRecord, BankSpec, DocumentAtoms, Target, atomic_write_text
+from vllm_doc2atom.fingerprint import BaseModelFingerprint
+from vllm_doc2atom.router import RouterHead
+
+from ..calibrate import best_threshold
+from ..data.teacher import teacher_messages
+from ..models import cache_root
+from ..student import LoRAHooks
+from ..study import questions as q
+from ..study.fit import Example, FitConfig, fit_document
+from ..study.generation import chat_prompt_ids, generate
+from ..study.probes import OFF_TOPIC_PROBES
+from .documents import make_atomizer
+
+logger = logging.getLogger(__name__)
+
+STUDY_VERSION = 1  # bump when cached questions, answers or factors would change for the same inputs
+# Sentence-encoder keys put the right atom in the top 3 for ~9 in 10 questions (top 1: less than half), so the
+# server composes up to 3 atoms, and the atoms are fitted in exactly such compositions.
+STUDY_HEAD = RouterHead(max_atoms=3)
+
+
+@dataclass
+class StudyConfig:
+    modules: tuple[str, ...] = ("down_proj",)  # adapted linears in each adapted layer
+    last_layers: int = 4  # adapt the last N decoder layers (training runs only these: cost grows with N)
+    rank: int = 4  # micro rank per atom
+    span_questions: int = 3  # rule-made questions per atom (one per answer span)
+    span_answer: str = "atom"  # span questions are answered by "atom" (its own text: always right) or "teacher"
+    model_questions: int = 2  # questions sampled from the base model per atom (kept only if well-formed)
+    recital: bool = True  # "what does the document say about <subject>, starting with ..." -> the atom's text
+    protection: int = 8  # unrelated prompts per document whose base-model answers the atoms must not change
+    max_answer_tokens: int = 20  # teacher answer length (the fact comes first; later tokens are chatter)
+    top_k: int = 8  # teacher log-probabilities kept per answer token
+    fit: FitConfig = field(default_factory=FitConfig)
+    cache: bool = True
+
+    def targets(self, base: BaseModelFingerprint) -> list[Target]:
+        layers = range(max(base.num_layers - self.last_layers, 0), base.num_layers)
+        return [Target(m, layer) for layer in layers for m in self.modules]
+
+
+@dataclass
+class StudyTimings:
+    questions: float = 0.0
+    teacher: float = 0.0
+    fit: float = 0.0
+    cached_documents: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in asdict(self).items()}
+
+
+class StudyCompiler:
+    """Any causal LM folder + documents -> bank-ready atoms whose factors were fitted by self-study."""
+
+    mode = "study"
+
+    def __init__(self, model_dir: str | Path, config: StudyConfig | None = None, atomizer: str = "rules",
+                 monolithic: bool = False) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from vllm_doc2atom.encoders import SentenceTransformerEncoder
+
+        self.config = config or StudyConfig()
+        self.model_dir = Path(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.model.requires_grad_(False)
+        self.base = BaseModelFingerprint.from_model_dir(model_dir)
+        self.encoder = SentenceTransformerEncoder()
+        self.targets = self.config.targets(self.base)
+        self.hooks = LoRAHooks(self.model, self.targets)
+        self.atomizer_name = atomizer
+        # the Doc-to-LoRA baseline: ONE adapter per document, of rank = rank × its atoms (the same parameters),
+        # fitted on all of the document's study questions
+        self.monolithic = monolithic
+        self.atomizer = make_atomizer(atomizer)
+        self.spec = BankSpec(base_model=self.base, targets=self.targets, micro_rank=self.config.rank,
+                             lora_scaling=1.0, key_encoder=self.encoder.identity, key_dim=self.encoder.dim,
+                             checkpoint=f"self-study-v{STUDY_VERSION}", router_head=asdict(STUDY_HEAD))
+        self.timings = StudyTimings()
+        self.positives: dict[str, list[float]] = {}  # doc id -> top router weight of each study question
+        self.cache_dir = cache_root() / "study"
+        self.fit_losses: list[tuple[float, float]] = []
+
+    # ---- one document ----------------------------------------------------------------------------------
+
+    def __call__(self, doc_id: str, text: str) -> DocumentAtoms | None:
+        atoms = self.atomizer(doc_id, text)
+        if not atoms:
+            logger.warning("%s: no atoms (empty document?), skipped", doc_id)
+            return None
+        keys = torch.from_numpy(self.encoder.encode([a.retrieval_text or a.text for a in atoms])).float()
+        rank = self.config.rank * (len(atoms) if self.monolithic else 1)
+        key = self._cache_key(text)
+        cached = self._load(key)
+        if cached is not None:
+            tensors, positives = cached
+            self.timings.cached_documents += 1
+        else:
+            examples, questions = self._study(text, atoms)
+            positives = self._route(examples, questions, keys, atoms)
+            if self.monolithic:
+                for example in examples:
+                    example.atom, example.routed = 0, []
+            examples = self._protection_examples() + examples
+            start = time.perf_counter()
+            shapes = {m: self.base.module_shape(m) for m in self.config.modules}
+            result = fit_document(self.model, self.targets, 1 if self.monolithic else len(atoms), rank,
+                                  self.spec.lora_scaling, examples, shapes, self.config.fit, self.hooks)
+            self.timings.fit += time.perf_counter() - start
+            self.fit_losses.append((result.loss_first, result.loss_last))
+            tensors = {f"A.{t.key}": result.a[t].contiguous() for t in self.targets}
+            tensors |= {f"B.{t.key}": result.b[t].contiguous() for t in self.targets}
+            tensors["gates"] = torch.ones(tensors[f"A.{self.targets[0].key}"].shape[0], len(self.targets))
+            self._save(key, tensors, positives)
+        self.positives[doc_id] = positives
+        if self.monolithic:  # one atom: the whole document (a bank of one document per adapter, as D2L serves it)
+            self.spec = BankSpec(**{**self.spec.__dict__, "micro_rank": rank})
+            whole = AtomRecord(id=f"{doc_id}#all", document_id=doc_id, type="evidence_fragment", text=text.strip(),
+                               span=(0, len(text)))
+            return DocumentAtoms(doc_id, [whole], {**tensors, "keys": keys.mean(0, keepdim=True)})
+        return DocumentAtoms(doc_id, atoms, {**tensors, "keys": keys})
+
+    def _study(self, text: str, atoms: list[AtomRecord]) -> tuple[list[Example], list[q.StudyQuestion]]:
+        """Questions for every atom, answered by the teacher: the fitting examples."""
+        cfg = self.config
+        start = time.perf_counter()
+        subject = q.document_subject(text)
+        fixed = cfg.span_answer == "atom"
+        questions = [q.StudyQuestion(i, s, "span", a.text.strip() if fixed else None) for i, a in enumerate(atoms)
+                     for s in q.span_questions(a.text, cfg.span_questions)]
+        questions += self._model_questions(text, subject, atoms)
+        if cfg.recital:
+            questions += [q.recital(subject, a.text, i) for i, a in enumerate(atoms)]
+        questions = q.dedupe(questions)
+        self.timings.questions += time.perf_counter() - start
+
+        start = time.perf_counter()
+        asked = [x for x in questions if x.answer is None]
+        answers = generate(self.model, self.tokenizer,
+                           [chat_prompt_ids(self.tokenizer, teacher_messages(text, x.text)) for x in asked],
+                           cfg.max_answer_tokens, top_k=cfg.top_k)
+        self.timings.teacher += time.perf_counter() - start
+        by_question = dict(zip(map(id, asked), answers))
+        examples = []
+        for x in questions:
+            prompt = chat_prompt_ids(self.tokenizer, [{"role": "user", "content": x.text}])
+            if x.answer is None:
+                answer = by_question[id(x)]
+                if not answer.tokens:
+                    continue
+                tokens, ids, logprobs = torch.tensor(answer.tokens), answer.topk_ids, answer.topk_logprobs
+            else:  # a fixed answer: one-hot targets
+                tokens = torch.tensor(self.tokenizer(x.answer, add_special_tokens=False)["input_ids"])
+                tokens = tokens[: cfg.max_answer_tokens + 8]  # the whole atom, within reason
+                ids = torch.full((len(tokens), cfg.top_k), -1, dtype=torch.long)
+                ids[:, 0] = tokens
+                logprobs = torch.zeros(len(tokens), cfg.top_k)
+            examples.append(Example(x.atom, prompt, tokens.long(), ids.long(), logprobs.float()))
+        kept = [x for x in questions if x.answer is not None or by_question[id(x)].tokens]
+        return examples, kept
+
+    def _protection_examples(self) -> list[Example]:
+        """Off-topic probes with the base model's own answers (computed once), a sample per document."""
+        n = self.config.protection
+        if n <= 0:
+            return []
+        if self._protection is None:
+            start = time.perf_counter()
+            prompts = [chat_prompt_ids(self.tokenizer, [{"role": "user", "content": p}]) for p in OFF_TOPIC_PROBES]
+            answers = generate(self.model, self.tokenizer, prompts, self.config.max_answer_tokens,
+                               top_k=self.config.top_k)
+            self._protection = [Example(-1, p, torch.tensor(a.tokens), a.topk_ids, a.topk_logprobs)
+                                for p, a in zip(prompts, answers) if a.tokens]
+            self.timings.teacher += time.perf_counter() - start
+        self._protection_round += 1
+        start = (self._protection_round * n) % max(len(self._protection), 1)
+        return (self._protection * 2)[start : start + n]
+
+    _protection: list[Example] | None = None
+    _protection_round = 0
+
+    def _model_questions(self, text: str, subject: str, atoms: list[AtomRecord]) -> list[q.StudyQuestion]:
+        n = self.config.model_questions
+        if n <= 0:
+            return []
+        try:
+            prompts = [chat_prompt_ids(self.tokenizer, q.model_question_prompt(text, subject, a.text))
+                       for a in atoms for _ in range(n)]
+            replies = generate(self.model, self.tokenizer, prompts, 32, temperature=0.7)
+        except Exception as err:  # noqa: BLE001 — questions from rules still make a usable atom
+            logger.warning("question generation failed (%s: %s); using rule-made questions only",
+                           type(err).__name__, err)
+            return []
+        found = []
+        for i, reply in enumerate(replies):
+            atom = i // n
+            cleaned = q.clean_model_question(reply.text(self.tokenizer), atoms[atom].text)
+            if cleaned:
+                found.append(q.StudyQuestion(atom, cleaned, "model"))
+        logger.debug("model questions: %d of %d usable", len(found), len(replies))
+        return found
+
+    def _route(self, examples: list[Example], questions: list[q.StudyQuestion], keys: torch.Tensor,
+               atoms: list[AtomRecord]) -> list[float]:
+        """The router's picks for every study question, as the server will make them (top-k cosine, default
+        head, weight ≥ 0.5): the compositions to train with. Returns the top weight of each asked question."""
+        head = STUDY_HEAD
+        texts = [x.text for x in questions]
+        sims = self.encoder.encode(texts) @ keys.numpy().T  # [Q, n]
+        top = []
+        for example, x, row in zip(examples, questions, sims):
+            weights = [(i, head.weight(float(s), atoms[i], None, False)) for i, s in enumerate(row)]
+            weights.sort(key=lambda iw: -iw[1])
+            example.routed = [(i, round(w, 3)) for i, w in weights[: head.max_atoms] if w >= 0.5]
+            if x.source != "recital":
+                top.append(weights[0][1])
+        return top
+
+    # ---- the bank ----------------------------------------------------------------------------------------
+
+    def calibrated_spec(self, compiled: list[DocumentAtoms]) -> BankSpec:
+        """The spec with the refusal threshold chosen between the study questions of these documents and
+        off-topic probes, each scored by its best atom's router weight in a bank of exactly these atoms."""
+        head = STUDY_HEAD
+        positives = [w for c in compiled for w in self.positives.get(c.document_id, [])]
+        threshold = None
+        if compiled and positives:
+            keys = np.concatenate([c.tensors["keys"].numpy() for c in compiled])
+            sims = (self.encoder.encode(OFF_TOPIC_PROBES) @ keys.T).max(1)
+            threshold = refusal_threshold(positives, [head.weight(float(s), None, None, False) for s in sims])
+        return BankSpec(**{**self.spec.__dict__, "router_head": asdict(replace(STUDY_HEAD, threshold=threshold))})
+
+    def create_bank(self, out: str | Path, compiled: list[DocumentAtoms], overwrite: bool = False) -> AtomBank:
+        self.spec = self.calibrated_spec(compiled)
+        return AtomBank.create(out, self.spec, compiled, overwrite=overwrite)
+
+    def compatible(self, spec: BankSpec) -> bool:
+        """Same model, targets, rank and key space: the threshold of the bank is kept."""
+        return {**spec.__dict__, "router_head": None} == {**self.spec.__dict__, "router_head": None}
+
+    def stats(self) -> dict:
+        stats = {"stage_seconds": self.timings.as_dict()}
+        if self.fit_losses:
+            stats["fit_loss_first"] = round(float(np.mean([f for f, _ in self.fit_losses])), 4)
+            stats["fit_loss_last"] = round(float(np.mean([last for _, last in self.fit_losses])), 4)
+        return stats
+
+    # ---- content cache -------------------------------------------------------------------------------------
+
+    def _cache_key(self, text: str) -> str:
+        identity = {"v": STUDY_VERSION, "model": self.base.to_dict(), "atomizer": self.atomizer_name,
+                    "monolithic": self.monolithic,
+                    "config": asdict(self.config), "text": text}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def _load(self, key: str) -> tuple[dict[str, torch.Tensor], list[float]] | None:
+        path = self.cache_dir / f"{key}.safetensors"
+        if not self.config.cache or not path.is_file():
+            return None
+        try:
+            tensors = load_file(str(path))
+            positives = json.loads((self.cache_dir / f"{key}.json").read_text())["positive_weights"]
+        except (OSError, ValueError, KeyError) as err:
+            logger.warning("ignoring unreadable study cache entry %s (%s)", key, err)
+            return None
+        return tensors, positives
+
+    def _save(self, key: str, tensors: dict[str, torch.Tensor], positives: list[float]) -> None:
+        if not self.config.cache:
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_dir / f".{key}.tmp.safetensors"
+        save_file(tensors, str(tmp))
+        tmp.replace(self.cache_dir / f"{key}.safetensors")
+        atomic_write_text(self.cache_dir / f"{key}.json", json.dumps({"positive_weights": positives}))
+
+
+def refusal_threshold(positives: list[float], negatives: list[float], max_refused: float = 0.05) -> float:
+    """The threshold of best refusal F1 between answerable (positives) and off-topic (negatives) top weights,
+    lowered if needed so that at most `max_refused` of the positives are refused."""
+    threshold, _ = best_threshold(positives, negatives)
+    floor = float(np.quantile(positives, max_refused)) if positives else threshold
+    return round(min(threshold, floor), 4)

@@ -1,0 +1,217 @@
+"""Fit a document's micro-LoRAs together, the way the server will compose them.
+
+Every training example is one study question with the teacher's answer. Each step composes, per example, the
+question's gold atom with distractors — the atoms the bank's router actually picks for that question, at their
+router weights, or random atoms of the document — exactly as the composer sums them (Σ w·s·B·A, one LoRA per
+sample), and distils the teacher into the student without the document: KL on the teacher's top-k + CE on its
+tokens. So each atom learns to carry its fact AND to stay out of the way of the others' questions.
+
+Only the adapted last layers run: the states entering the first adapted layer do not depend on the adapters, so
+they are computed once per example and cached (`vllm_doc2atom`'s targets are all in those layers).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vllm_doc2atom.bank import Target
+from vllm_doc2atom.composer import stack_factors
+
+from .. import losses
+from ..student import LoRAHooks, run_last_layers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FitConfig:
+    steps: int = 60  # optimizer steps per document
+    batch_size: int = 16  # examples per step
+    lr: float = 3e-3
+    kl_weight: float = 1.0
+    ce_weight: float = 1.0
+    router_share: float = 0.5  # examples composed with the router's own picks (else: gold + random atoms)
+    alone_share: float = 0.2  # examples with the gold atom alone
+    max_distractors: int = 2  # random compositions: gold + 1..max_distractors other atoms of the document
+    weight_range: tuple[float, float] = (0.3, 1.0)  # router-weight range of random compositions
+    max_update_norm: float = 0.0  # > 0: cap ‖B·A‖_F of each atom and target after every step
+    seed: int = 0
+
+
+@dataclass
+class Example:
+    atom: int  # gold atom (row in the document); -1: a protection example (an unrelated prompt: keep the base answer)
+    prompt: list[int]  # the chat prompt of the question alone, as the server builds it
+    answer: torch.Tensor  # [n] teacher tokens
+    topk_ids: torch.Tensor  # [n, k] (-1 = none)
+    topk_logprobs: torch.Tensor  # [n, k]
+    routed: list[tuple[int, float]] = field(default_factory=list)  # the router's picks (row, weight), gold included
+
+
+@dataclass
+class FitResult:
+    a: dict[Target, torch.Tensor]  # [n_atoms, r, in]
+    b: dict[Target, torch.Tensor]  # [n_atoms, out, r]
+    loss_first: float
+    loss_last: float
+
+
+class _Reached(Exception):
+    pass
+
+
+def states_entering(model: nn.Module, ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """Hidden states entering decoder layer `layer` [b, t, H]; the layers above (and the LM head) never run."""
+    captured: list[torch.Tensor] = []
+
+    def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(args[0] if args else kwargs["hidden_states"])
+        raise _Reached
+
+    handle = model.model.layers[layer].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model(input_ids=ids)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+class CachedStates:
+    """Hidden states entering `start_layer` for every example (right-padded), computed once."""
+
+    def __init__(self, model: nn.Module, examples: Sequence[Example], start_layer: int, chunk: int = 16) -> None:
+        self.lengths = [len(e.prompt) + len(e.answer) for e in examples]
+        width = max(self.lengths)
+        parts = []
+        with torch.no_grad():
+            for i in range(0, len(examples), chunk):
+                rows = [e.prompt + e.answer.tolist() for e in examples[i : i + chunk]]
+                ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+                parts.append(states_entering(model, ids, start_layer).float())
+        self.states = torch.cat(parts)  # [E, T, H]
+
+    def batch(self, rows: Sequence[int]) -> torch.Tensor:
+        width = max(self.lengths[r] for r in rows)
+        return self.states[list(rows), :width]
+
+
+def init_factors(targets: Sequence[Target], n_atoms: int, rank: int, shapes: dict[str, tuple[int, int]],
+                 generator: torch.Generator) -> tuple[dict[Target, torch.Tensor], dict[Target, torch.Tensor]]:
+    """LoRA's usual start: A small random, B zero, so every atom starts as a no-op."""
+    a, b = {}, {}
+    for t in targets:
+        d_in, d_out = shapes[t.module]
+        a[t] = (torch.randn(n_atoms, rank, d_in, generator=generator) / math.sqrt(d_in)).requires_grad_(True)
+        b[t] = torch.zeros(n_atoms, d_out, rank).requires_grad_(True)
+    return a, b
+
+
+class Composer:
+    """Draws each example's composition: (atoms [b, K], weights [b, K]) padded with weight 0."""
+
+    def __init__(self, n_atoms: int, config: FitConfig) -> None:
+        self.n_atoms, self.config = n_atoms, config
+        self.rng = random.Random(config.seed)
+
+    def draw(self, example: Example) -> list[tuple[int, float]]:
+        cfg, rng = self.config, self.rng
+        roll = rng.random()
+        low, high = cfg.weight_range
+        if example.atom < 0:  # protection: any atoms composed must leave an unrelated answer as it was
+            k = rng.randint(1, min(cfg.max_distractors + 1, self.n_atoms))
+            return [(i, rng.uniform(low, high)) for i in rng.sample(range(self.n_atoms), k)]
+        gold = (example.atom, rng.uniform(max(low, 0.5), high))
+        if roll < cfg.alone_share or self.n_atoms == 1:
+            return [gold]
+        if roll < cfg.alone_share + cfg.router_share and example.routed:
+            picks = dict(example.routed)
+            picks.setdefault(example.atom, gold[1])  # the router missed it: still teach the atom its question
+            return list(picks.items())
+        others = [i for i in range(self.n_atoms) if i != example.atom]
+        k = rng.randint(1, min(cfg.max_distractors, len(others)))
+        return [gold] + [(i, rng.uniform(low, high)) for i in rng.sample(others, k)]
+
+    def batch(self, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        drawn = [self.draw(e) for e in examples]
+        width = max(len(d) for d in drawn)
+        rows = torch.zeros(len(drawn), width, dtype=torch.long)
+        weights = torch.zeros(len(drawn), width)
+        for i, picks in enumerate(drawn):
+            for j, (row, w) in enumerate(picks):
+                rows[i, j], weights[i, j] = row, w
+        return rows, weights
+
+
+def fit_document(model: nn.Module, targets: Sequence[Target], n_atoms: int, rank: int, scaling: float,
+                 examples: Sequence[Example], shapes: dict[str, tuple[int, int]], config: FitConfig,
+                 hooks: LoRAHooks | None = None) -> FitResult:
+    """Fit n_atoms micro-LoRAs on the examples (every atom's questions, composed as served)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    a, b = init_factors(targets, n_atoms, rank, shapes, generator)
+    if not examples:
+        return FitResult({t: x.detach() for t, x in a.items()}, {t: x.detach() for t, x in b.items()}, 0.0, 0.0)
+    start_layer = min(t.layer for t in targets)
+    states = CachedStates(model, examples, start_layer)
+    own_hooks = hooks is None
+    hooks = hooks or LoRAHooks(model, targets)
+    optimizer = torch.optim.Adam([*a.values(), *b.values()], lr=config.lr)
+    composer = Composer(n_atoms, config)
+    order = random.Random(config.seed)
+    losses_seen = []
+    head = model.get_output_embeddings()
+    try:
+        for _ in range(config.steps):
+            rows = order.sample(range(len(examples)), min(config.batch_size, len(examples)))
+            batch = [examples[r] for r in rows]
+            atoms, weights = composer.batch(batch)
+            factors = {t: stack_factors(a[t][atoms], b[t][atoms], weights * scaling) for t in targets}
+            with hooks.active(factors):
+                hidden = run_last_layers(model, states.batch(rows), start_layer)  # [b, T, H]
+            sample, position = _answer_positions(batch)
+            logits = head(hidden[sample, position])  # [n, V]
+            answer = torch.cat([e.answer for e in batch])
+            loss = config.ce_weight * losses.answer_ce(logits, answer)
+            if config.kl_weight:
+                loss = loss + config.kl_weight * losses.teacher_kl(
+                    logits, torch.cat([e.topk_ids for e in batch]), torch.cat([e.topk_logprobs for e in batch]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if config.max_update_norm > 0:
+                _cap_norms(a, b, config.max_update_norm)
+            losses_seen.append(loss.item())
+    finally:
+        if own_hooks:
+            hooks.remove()
+    logger.debug("fit: loss %.3f -> %.3f over %d steps", losses_seen[0], losses_seen[-1], len(losses_seen))
+    return FitResult({t: x.detach() for t, x in a.items()}, {t: x.detach() for t, x in b.items()},
+                     losses_seen[0], losses_seen[-1])
+
+
+def _answer_positions(batch: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sample, position) of every answer token's prediction: position len(prompt) - 1 + j predicts token j."""
+    samples, positions = [], []
+    for i, e in enumerate(batch):
+        n = len(e.answer)
+        samples.append(torch.full((n,), i))
+        positions.append(torch.arange(len(e.prompt) - 1, len(e.prompt) - 1 + n))
+    return torch.cat(samples), torch.cat(positions)
+
+
+@torch.no_grad()
+def _cap_norms(a: dict[Target, torch.Tensor], b: dict[Target, torch.Tensor], limit: float) -> None:
+    """Scale each atom's factors so that ‖B·A‖_F ≤ limit (small updates compose; large ones take over)."""
+    for t in a:
+        norms = torch.linalg.matrix_norm(b[t] @ a[t])  # [n]
+        factor = (limit / norms.clamp(min=1e-12)).clamp(max=1.0).sqrt()
+        a[t].mul_(factor[:, None, None])
+        b[t].mul_(factor[:, None, None])
