@@ -33,7 +33,7 @@ from ..models import cache_root
 from ..student import LoRAHooks
 from ..study import questions as q
 from ..study.fit import Example, FitConfig, fit_document
-from ..study.generation import chat_prompt_ids, generate
+from ..study.generation import chat_prompt_ids, end_of_turn_id, generate
 from ..study.probes import OFF_TOPIC_PROBES
 from .documents import make_atomizer
 
@@ -51,7 +51,8 @@ class StudyConfig:
     last_layers: int = 4  # adapt the last N decoder layers (training runs only these: cost grows with N)
     rank: int = 4  # micro rank per atom
     span_questions: int = 3  # rule-made questions per atom (one per answer span)
-    span_answer: str = "atom"  # span questions are answered by "atom" (its own text: always right) or "teacher"
+    span_answer: str = "atom"  # span questions are answered by "atom" (its text up to the span: always right)
+    # or by the "teacher"
     model_questions: int = 2  # questions sampled from the base model per atom (kept only if well-formed)
     recital: bool = True  # "what does the document say about <subject>, starting with ..." -> the atom's text
     protection: int = 8  # unrelated prompts per document whose base-model answers the atoms must not change
@@ -154,8 +155,8 @@ class StudyCompiler:
         start = time.perf_counter()
         subject = q.document_subject(text)
         fixed = cfg.span_answer == "atom"
-        questions = [q.StudyQuestion(i, s, "span", a.text.strip() if fixed else None) for i, a in enumerate(atoms)
-                     for s in q.span_questions(a.text, cfg.span_questions)]
+        questions = [q.StudyQuestion(i, question, "span", answer if fixed else None) for i, a in enumerate(atoms)
+                     for question, answer in q.span_questions_with_answers(a.text, cfg.span_questions)]
         questions += self._model_questions(text, subject, atoms)
         if cfg.recital:
             questions += [q.recital(subject, a.text, i) for i, a in enumerate(atoms)]
@@ -176,16 +177,28 @@ class StudyCompiler:
                 answer = by_question[id(x)]
                 if not answer.tokens:
                     continue
-                tokens, ids, logprobs = torch.tensor(answer.tokens), answer.topk_ids, answer.topk_logprobs
-            else:  # a fixed answer: one-hot targets
-                tokens = torch.tensor(self.tokenizer(x.answer, add_special_tokens=False)["input_ids"])
-                tokens = tokens[: cfg.max_answer_tokens + 8]  # the whole atom, within reason
-                ids = torch.full((len(tokens), cfg.top_k), -1, dtype=torch.long)
-                ids[:, 0] = tokens
-                logprobs = torch.zeros(len(tokens), cfg.top_k)
-            examples.append(Example(x.atom, prompt, tokens.long(), ids.long(), logprobs.float()))
+                example = Example(x.atom, prompt, torch.tensor(answer.tokens), answer.topk_ids,
+                                  answer.topk_logprobs.float())
+                if answer.stopped:
+                    example = self._then_stop(example)
+            else:  # a fixed answer: one-hot targets, then the end of the turn (a reply that stops, not loops)
+                tokens = self.tokenizer(x.answer, add_special_tokens=False)["input_ids"][: cfg.max_answer_tokens + 8]
+                example = self._then_stop(Example(x.atom, prompt, torch.tensor(tokens, dtype=torch.long),
+                                                  torch.zeros(0, cfg.top_k, dtype=torch.long),
+                                                  torch.zeros(0, cfg.top_k)))
+            examples.append(example)
         kept = [x for x in questions if x.answer is not None or by_question[id(x)].tokens]
         return examples, kept
+
+    def _then_stop(self, example: Example) -> Example:
+        """Append the end-of-turn token and give every fixed (not teacher-scored) position a one-hot target."""
+        tokens = torch.cat([example.answer, torch.tensor([end_of_turn_id(self.tokenizer)])]).long()
+        ids = torch.full((len(tokens), self.config.top_k), -1, dtype=torch.long)
+        logprobs = torch.zeros(len(tokens), self.config.top_k)
+        scored = len(example.topk_ids)
+        ids[:scored], logprobs[:scored] = example.topk_ids, example.topk_logprobs
+        ids[scored:, 0] = tokens[scored:]
+        return Example(example.atom, example.prompt, tokens, ids, logprobs, example.routed)
 
     def _protection_examples(self) -> list[Example]:
         """Off-topic probes with the base model's own answers (computed once), a sample per document."""
@@ -197,8 +210,12 @@ class StudyCompiler:
             prompts = [chat_prompt_ids(self.tokenizer, [{"role": "user", "content": p}]) for p in OFF_TOPIC_PROBES]
             answers = generate(self.model, self.tokenizer, prompts, self.config.max_answer_tokens,
                                top_k=self.config.top_k)
-            self._protection = [Example(-1, p, torch.tensor(a.tokens), a.topk_ids, a.topk_logprobs)
-                                for p, a in zip(prompts, answers) if a.tokens]
+            self._protection = []
+            for prompt, answer in zip(prompts, answers):
+                if answer.tokens:
+                    example = Example(-1, prompt, torch.tensor(answer.tokens), answer.topk_ids,
+                                      answer.topk_logprobs.float())
+                    self._protection.append(self._then_stop(example) if answer.stopped else example)
             self.timings.teacher += time.perf_counter() - start
         self._protection_round += 1
         start = (self._protection_round * n) % max(len(self._protection), 1)

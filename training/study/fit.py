@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class FitConfig:
     steps: int = 60  # optimizer steps per document
-    batch_size: int = 16  # examples per step
+    batch_size: int = 12  # examples per step
     lr: float = 3e-3
     kl_weight: float = 1.0
     ce_weight: float = 1.0

@@ -20,6 +20,7 @@ class Generated:
     tokens: list[int]  # generated ids, up to (not including) the end-of-turn token
     topk_ids: torch.Tensor  # [n, k] int64 ([n, 0] when top_k = 0)
     topk_logprobs: torch.Tensor  # [n, k] float32
+    stopped: bool = False  # ended with an end-of-turn token (not cut at max_new_tokens)
 
     def text(self, tokenizer) -> str:
         return tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
@@ -40,10 +41,18 @@ def split_common_prefix(prompts: Sequence[list[int]]) -> tuple[list[int], list[l
     return list(prompts[0][:n]), [list(p[n:]) for p in prompts]
 
 
+_END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>")
+
+
 def stop_ids(tokenizer) -> set[int]:
-    names = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>")
-    found = {tokenizer.convert_tokens_to_ids(n) for n in names if n in tokenizer.get_vocab()}
+    found = {tokenizer.convert_tokens_to_ids(n) for n in _END_OF_TURN if n in tokenizer.get_vocab()}
     return {t for t in found | {tokenizer.eos_token_id} if isinstance(t, int) and t >= 0}
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that closes an assistant turn in this model's chat template (else end of sequence)."""
+    vocab = tokenizer.get_vocab()
+    return next((vocab[n] for n in _END_OF_TURN if n in vocab), tokenizer.eos_token_id)
 
 
 @torch.no_grad()
@@ -81,6 +90,7 @@ def _decode(model, tokenizer, prefix_len: int, prefix_cache, suffixes: list[list
     top_ids: list[list[torch.Tensor]] = [[] for _ in range(b)]
     top_logprobs: list[list[torch.Tensor]] = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool)
+    stopped = [False] * b
     next_position = prefix_len + lengths
     for _ in range(max_new_tokens):
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
@@ -96,7 +106,7 @@ def _decode(model, tokenizer, prefix_len: int, prefix_cache, suffixes: list[list
                 continue
             token = int(chosen[row])
             if token in stops:
-                done[row] = True
+                done[row] = stopped[row] = True
                 continue
             tokens[row].append(token)
             if top is not None:
@@ -109,5 +119,5 @@ def _decode(model, tokenizer, prefix_len: int, prefix_cache, suffixes: list[list
         positions = next_position[:, None]
         next_position = next_position + 1
     return [Generated(t, torch.stack(i) if i else torch.zeros(0, top_k, dtype=torch.long),
-                      torch.stack(lp) if lp else torch.zeros(0, top_k)) for t, i, lp in zip(tokens, top_ids,
-                                                                                           top_logprobs)]
+                      torch.stack(lp) if lp else torch.zeros(0, top_k), s)
+            for t, i, lp, s in zip(tokens, top_ids, top_logprobs, stopped)]

@@ -85,6 +85,11 @@ def _wh_phrase(kind: str, before: str, span: str) -> str:
 
 def span_questions(atom_text: str, limit: int = 3) -> list[str]:
     """The atom with one answer span swapped for its wh-phrase, as a question (at most `limit`)."""
+    return [question for question, _ in span_questions_with_answers(atom_text, limit)]
+
+
+def span_questions_with_answers(atom_text: str, limit: int = 3) -> list[tuple[str, str]]:
+    """(question, answer) pairs: the answer is the atom's own text, which states the asked span."""
     sentence = atom_text.strip().rstrip(".!?;:")
     questions = []
     for kind, start, end in answer_spans(sentence)[:limit]:
@@ -95,7 +100,7 @@ def span_questions(atom_text: str, limit: int = 3) -> list[str]:
         before = re.sub(r"\b(in|on|at)\s*$", lambda m: "" if wh in ("when", "where", "on which date") else m.group(0),
                         before)
         question = f"{before}{wh}{after}".strip()
-        questions.append(question[0].upper() + question[1:] + "?")
+        questions.append((question[0].upper() + question[1:] + "?", atom_text.strip()))
     return questions
 
 

@@ -1,0 +1,89 @@
+"""Do self-study atoms compose? For each answerable question of a built dataset: the answer with its gold atom
+alone, gold + 1 and + 3 random atoms of the same document (weight 1), and the server's real routing — gold
+answer inside the reply, per setting. One bank per document, compiled with `--mode study`; answers by
+transformers + PEFT with the plugin's router and composer (the eval's `transformers` backend).
+
+    .venv/bin/python benchmarks/study_composition.py --data data/fresh_validation --split validation --limit 4
+
+Prints a table and saves benchmarks/results/study_composition.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.compile import StudyCompiler, StudyConfig  # noqa: E402
+from training.evaluate.artifacts import artifact_name  # noqa: E402
+from training.evaluate.backends import TransformersBackend  # noqa: E402
+from training.evaluate.harness import load_items  # noqa: E402
+from training.evaluate.scoring import best_over, contains  # noqa: E402
+from training.models import DEFAULT_MODEL, PACKAGED_MODELS, prepare_model  # noqa: E402
+
+SETTINGS = ("gold alone", "gold + 1", "gold + 3", "routed")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="a folder from `doc2atom data build` (gold atoms labelled)")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--limit", type=int, default=4, help="documents")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--out", default="benchmarks/results/study_composition.json")
+    parser.add_argument("--work", default="runs/study-composition", help="banks and adapters")
+    args = parser.parse_args()
+
+    from vllm_doc2atom.composer import compose, save_peft_adapter
+
+    model_dir = prepare_model(args.model) if args.model in PACKAGED_MODELS else Path(args.model)
+    _, documents, items = load_items(args.data, args.split, args.limit, 0)
+    gold = {q["id"]: q["labels"]["gold"] for q in map(json.loads, open(Path(args.data) / "questions.jsonl"))}
+    work = Path(args.work)
+    compiler = StudyCompiler(model_dir, StudyConfig())
+    start, atoms = time.perf_counter(), 0
+    for doc_id, text in documents.items():
+        compiled = compiler(doc_id, text)
+        atoms += len(compiled.atoms)
+        compiler.create_bank(work / "banks" / artifact_name("doc2atom_study", doc_id), [compiled], overwrite=True)
+    compile_seconds = time.perf_counter() - start
+
+    backend = TransformersBackend(model_dir, work, 32, 64, 8, None)
+    rng = random.Random(0)
+    hits: dict[str, list[bool]] = {s: [] for s in SETTINGS}
+    for item in (i for i in items if i.kind == "answerable"):
+        bank = backend.banks.get(artifact_name("doc2atom_study", item.document_id))
+        rows = [r for r, a in enumerate(bank.atoms) if a.id in gold[item.question_id]]
+        if not rows:
+            continue  # the answer spans atoms the rule atomizer cut differently
+        others = [r for r in range(len(bank)) if r not in rows]
+        selections = {"gold alone": rows, "gold + 1": rows + rng.sample(others, min(1, len(others))),
+                      "gold + 3": rows + rng.sample(others, min(3, len(others)))}
+        for setting, selection in selections.items():
+            adapter = save_peft_adapter(compose(bank, [(r, 1.0) for r in selection]), backend.scratch)
+            reply = backend._generate([{"role": "user", "content": item.question}], adapter)
+            hits[setting].append(bool(best_over(contains, reply, item.answers)))
+        reply = backend.answer("doc2atom_study", item.document_id, documents[item.document_id], item.question)
+        hits["routed"].append(not reply.flagged_refusal and bool(best_over(contains, reply.text, item.answers)))
+    backend.__exit__(None, None, None)
+
+    result = {"data": Path(args.data).name, "split": args.split, "documents": len(documents), "atoms": atoms,
+              "questions": len(hits["routed"]), "compile_seconds_per_atom": round(compile_seconds / atoms, 2),
+              "contains_percent": {s: round(100 * sum(h) / max(len(h), 1), 1) for s, h in hits.items()},
+              "study": compiler.stats()}
+    print("| setting | gold answer in reply |\n|---|---|")
+    for setting, value in result["contains_percent"].items():
+        print(f"| {setting} | {value} % |")
+    print(f"{result['questions']} questions, {len(documents)} documents, {atoms} atoms, "
+          f"{result['compile_seconds_per_atom']} s per atom")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
