@@ -15,6 +15,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,6 +38,11 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--out", default="benchmarks/results/study_composition.json")
     parser.add_argument("--work", default="runs/study-composition", help="banks and adapters")
+    defaults = StudyConfig()
+    parser.add_argument("--modules", default=",".join(defaults.modules))
+    parser.add_argument("--layers", type=int, default=defaults.last_layers)
+    parser.add_argument("--rank", type=int, default=defaults.rank)
+    parser.add_argument("--steps", type=int, default=defaults.fit.steps)
     args = parser.parse_args()
 
     from vllm_doc2atom.composer import compose, save_peft_adapter
@@ -45,7 +51,9 @@ def main() -> None:
     _, documents, items = load_items(args.data, args.split, args.limit, 0)
     gold = {q["id"]: q["labels"]["gold"] for q in map(json.loads, open(Path(args.data) / "questions.jsonl"))}
     work = Path(args.work)
-    compiler = StudyCompiler(model_dir, StudyConfig())
+    config = StudyConfig(modules=tuple(args.modules.split(",")), last_layers=args.layers, rank=args.rank,
+                         fit=replace(defaults.fit, steps=args.steps))
+    compiler = StudyCompiler(model_dir, config)
     start, atoms = time.perf_counter(), 0
     for doc_id, text in documents.items():
         compiled = compiler(doc_id, text)
@@ -73,6 +81,7 @@ def main() -> None:
     backend.__exit__(None, None, None)
 
     result = {"data": Path(args.data).name, "split": args.split, "documents": len(documents), "atoms": atoms,
+              "modules": args.modules, "layers": args.layers, "rank": args.rank, "steps": args.steps,
               "questions": len(hits["routed"]), "compile_seconds_per_atom": round(compile_seconds / atoms, 2),
               "contains_percent": {s: round(100 * sum(h) / max(len(h), 1), 1) for s, h in hits.items()},
               "study": compiler.stats()}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Your own documents -> an atom bank (shipped checkpoint of the default model) -> served -> asked.
+# Your own documents -> an atom bank (self-study with the default model) -> served -> asked.
 # Usage: examples/compile_your_documents.sh DOCS_DIR [BANK_NAME]
 #   DOCS_DIR holds .md / .txt files (id = file name) or .jsonl files of {"id", "text"}.
 set -euo pipefail
@@ -9,7 +9,7 @@ root=${DOC2ATOM_BANK_ROOT:-banks}
 bin=$(dirname "$0")/../.venv/bin
 
 model=$("$bin/doc2atom" models prepare)                       # SmolLM2-135M-Instruct, once
-"$bin/doc2atom" compile "$docs"/*.* --out "$root/$name" --overwrite   # --mode optimize: slower, closer to the text
+"$bin/doc2atom" compile "$docs"/*.* --out "$root/$name" --overwrite   # --model DIR: any causal LM folder
 "$bin/doc2atom" bank info "$root/$name" | head -20
 
 "$bin/vllm" serve "$model" --plugin doc2atom --doc2atom-bank-root "$root" --port 8000 &

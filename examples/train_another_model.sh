@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Doc2Atom for a different base model: build data with that model as teacher, train its compiler and
 # router, compile, serve. Any Hugging Face-format causal LM folder works (Llama/Gemma-2 style layers).
+# Self-study needs none of this: `doc2atom compile DOCS --model MODEL_DIR --out BANK` fits every atom from the
+# model itself at compile time. This script is for the amortized compiler (one trained network for all atoms).
 # Usage: examples/train_another_model.sh MODEL_DIR [STEPS]
 set -euo pipefail
 model=${1:?usage: $0 MODEL_DIR [STEPS]}
@@ -18,7 +20,7 @@ cd "$(dirname "$0")/.."
 "$bin/doc2atom" checkpoint calibrate runs/other/checkpoint --data data/other-synthetic
 # 3. Compile and serve with the new checkpoint (a bank records its base model: serving it on another
 #    model is refused with a 409).
-"$bin/doc2atom" compile examples/docs/*.md --checkpoint runs/other/checkpoint --out banks/other-examples
+"$bin/doc2atom" compile examples/docs/*.md --mode amortized --checkpoint runs/other/checkpoint --out banks/other-examples
 echo "now: $bin/vllm serve $model --plugin doc2atom --doc2atom-bank-root banks"
 # 4. Score it against the Doc-to-LoRA baseline (train it with --set method=d2l_atom --set out=runs/other-d2l):
 #    doc2atom eval --data data/other-synthetic --checkpoint runs/other/checkpoint \

@@ -125,21 +125,7 @@ class StudyCompiler:
             tensors, positives = cached
             self.timings.cached_documents += 1
         else:
-            examples, questions = self._study(text, atoms)
-            positives = self._route(examples, questions, keys, atoms)
-            if self.monolithic:
-                for example in examples:
-                    example.atom, example.routed = 0, []
-            examples = self._protection_examples() + examples
-            start = time.perf_counter()
-            shapes = {m: self.base.module_shape(m) for m in self.config.modules}
-            result = fit_document(self.model, self.targets, 1 if self.monolithic else len(atoms), rank,
-                                  self.spec.lora_scaling, examples, shapes, self.config.fit, self.hooks)
-            self.timings.fit += time.perf_counter() - start
-            self.fit_losses.append((result.loss_first, result.loss_last))
-            tensors = {f"A.{t.key}": result.a[t].contiguous() for t in self.targets}
-            tensors |= {f"B.{t.key}": result.b[t].contiguous() for t in self.targets}
-            tensors["gates"] = torch.ones(tensors[f"A.{self.targets[0].key}"].shape[0], len(self.targets))
+            tensors, positives = self._fit(text, atoms, keys, rank)
             self._save(key, tensors, positives)
         self.positives[doc_id] = positives
         if self.monolithic:  # one atom: the whole document (a bank of one document per adapter, as D2L serves it)
@@ -148,6 +134,26 @@ class StudyCompiler:
                                span=(0, len(text)))
             return DocumentAtoms(doc_id, [whole], {**tensors, "keys": keys.mean(0, keepdim=True)})
         return DocumentAtoms(doc_id, atoms, {**tensors, "keys": keys})
+
+    def _fit(self, text: str, atoms: list[AtomRecord], keys: torch.Tensor,
+             rank: int) -> tuple[dict[str, torch.Tensor], list[float]]:
+        """Study the document and fit its atoms: (shard tensors without keys, top weights of its questions)."""
+        examples, questions = self._study(text, atoms)
+        positives = self._route(examples, questions, keys, atoms)
+        if self.monolithic:
+            for example in examples:
+                example.atom, example.routed = 0, []
+        examples = self._protection_examples() + examples
+        start = time.perf_counter()
+        shapes = {m: self.base.module_shape(m) for m in self.config.modules}
+        result = fit_document(self.model, self.targets, 1 if self.monolithic else len(atoms), rank,
+                              self.spec.lora_scaling, examples, shapes, self.config.fit, self.hooks)
+        self.timings.fit += time.perf_counter() - start
+        self.fit_losses.append((result.loss_first, result.loss_last))
+        tensors = {f"A.{t.key}": result.a[t].contiguous() for t in self.targets}
+        tensors |= {f"B.{t.key}": result.b[t].contiguous() for t in self.targets}
+        tensors["gates"] = torch.ones(result.a[self.targets[0]].shape[0], len(self.targets))
+        return tensors, positives
 
     def _study(self, text: str, atoms: list[AtomRecord]) -> tuple[list[Example], list[q.StudyQuestion]]:
         """Questions for every atom, answered by the teacher: the fitting examples."""
