@@ -253,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: the shipped checkpoint of the default base model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bank")
     p.add_argument("--add", action="store_true", help="add the documents to the existing bank at --out (same "
-                                                      "mode, model and adapter settings; a document with the same id is "
-                                                      "replaced, the others are untouched)")
+                                                      "mode, model and adapter settings; a document with the same id "
+                                                      "is replaced, the others are untouched)")
     p.add_argument("--mode", choices=["study", "amortized", "optimize"], default="study",
                    help="study: fit every atom by self-study (questions + the base model reading the document as "
                         "teacher; the atoms of a document fitted together, composed as served); amortized: one "
