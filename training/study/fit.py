@@ -41,7 +41,6 @@ class FitConfig:
     alone_share: float = 0.2  # examples with the gold atom alone
     max_distractors: int = 2  # random compositions: gold + 1..max_distractors other atoms of the document
     weight_range: tuple[float, float] = (0.3, 1.0)  # router-weight range of random compositions
-    max_update_norm: float = 0.0  # > 0: cap ‖B·A‖_F of each atom and target after every step
     seed: int = 0
 
 
@@ -186,8 +185,6 @@ def fit_document(model: nn.Module, targets: Sequence[Target], n_atoms: int, rank
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            if config.max_update_norm > 0:
-                _cap_norms(a, b, config.max_update_norm)
             losses_seen.append(loss.item())
     finally:
         if own_hooks:
@@ -205,13 +202,3 @@ def _answer_positions(batch: Sequence[Example]) -> tuple[torch.Tensor, torch.Ten
         samples.append(torch.full((n,), i))
         positions.append(torch.arange(len(e.prompt) - 1, len(e.prompt) - 1 + n))
     return torch.cat(samples), torch.cat(positions)
-
-
-@torch.no_grad()
-def _cap_norms(a: dict[Target, torch.Tensor], b: dict[Target, torch.Tensor], limit: float) -> None:
-    """Scale each atom's factors so that ‖B·A‖_F ≤ limit (small updates compose; large ones take over)."""
-    for t in a:
-        norms = torch.linalg.matrix_norm(b[t] @ a[t])  # [n]
-        factor = (limit / norms.clamp(min=1e-12)).clamp(max=1.0).sqrt()
-        a[t].mul_(factor[:, None, None])
-        b[t].mul_(factor[:, None, None])
