@@ -13,7 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from vllm_doc2atom.bank import AtomBank, AtomRecord, BankSpec, DocumentAtoms, Target  # noqa: E402
 from vllm_doc2atom.fingerprint import BaseModelFingerprint  # noqa: E402
 
-EXAMPLE_DOCS = Path(__file__).resolve().parent.parent / "examples" / "docs"
+# The serving tests share one real server: its session fixtures live in serving.py.
+from .serving import EXAMPLE_DOCS, bank_root, client, model, server  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")

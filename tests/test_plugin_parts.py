@@ -81,6 +81,37 @@ def test_question_extraction():
         extract_question("completion", {"prompt": [[1, 2]]})
 
 
+def test_evidence_goes_before_the_routed_question_without_touching_the_request():
+    from vllm_doc2atom.openai_io import with_evidence
+
+    chat = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text",
+                                                                                       "text": "Who?"}]}]}
+    rewritten = with_evidence("chat", chat, ["Ada wrote it.", "In 1901."])
+    parts = rewritten["messages"][1]["content"]
+    assert "- Ada wrote it.\n- In 1901." in parts[0]["text"] and parts[1]["text"] == "Who?"
+    assert chat["messages"][1]["content"] == [{"type": "text", "text": "Who?"}]  # the original is untouched
+    completion = with_evidence("completion", {"prompt": ["Who?"]}, ["Ada wrote it."])
+    assert completion["prompt"].startswith("Evidence") and completion["prompt"].endswith("Question: Who?")
+
+
+def test_hostile_json_is_not_parsed():
+    from vllm_doc2atom.asgi import parse_json
+
+    assert parse_json(b"[" * 100_000) is None and parse_json(b'{"a": ' + b"[" * 10_000) is None
+    assert parse_json(b'{"a": [[1]], "b": "[[[["}') == {"a": [[1]], "b": "[[[["}
+    assert parse_json(b"not json") is None
+
+
+def test_adapter_folders_of_dead_processes_are_swept(tmp_path):
+    from vllm_doc2atom.adapter_registry import claim_adapter_dir
+
+    own, alive, dead = tmp_path / str(os.getpid()), tmp_path / "1", tmp_path / "999999999"
+    for folder in (own, alive, dead):
+        (folder / "d2a-x").mkdir(parents=True)
+    claim_adapter_dir(own)
+    assert own.exists() and alive.exists() and not dead.exists()  # pid 1 lives; no pid is that high
+
+
 class _Engine:
     """Stands in for vLLM's EngineClient LoRA calls; the real engine is exercised in test_serve.py."""
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
@@ -16,81 +13,12 @@ import torch
 from vllm_doc2atom.bank import AtomBank
 from vllm_doc2atom.settings import DEFAULT_REFUSAL
 
-from .conftest import EXAMPLE_DOCS
-from .serving import vllm_server
-
-API_KEY = "test-key"
-IN_SCOPE = {
-    "How tall is the Amber Needle lighthouse?": "harbor_of_quillon",
-    "Who wrote the Velmora Orchard Protocol?": "velmora_orchard_protocol",
-    "Which comet did astronomers at Brightwater discover?": "brightwater_observatory",
-}
-OFF_TOPIC = "What is the best way to cook risotto?"
-POOL = ["docs", "team/b1", "team/b2", "team/b3"]
-
-
-@pytest.fixture(scope="module")
-def bank_root(tmp_path_factory, tiny_model_dir, encoder) -> Path:
-    from training.models import build_tiny_model
-    from training.untrained_bank import build_untrained_bank, default_spec
-
-    root = tmp_path_factory.mktemp("bank-root")
-    documents = {p.stem: p.read_text() for p in EXAMPLE_DOCS.glob("*.md")}
-    spec = default_spec(tiny_model_dir, encoder, modules=("q_proj", "v_proj", "down_proj"), last_layers=2)
-    # Large random factors: the composed adapter visibly changes the model (real factors come from training).
-    for seed, name in enumerate(POOL + ["mutable"]):
-        build_untrained_bank(root / name, spec, documents, encoder, seed=seed, scale=0.3)
-    wide = default_spec(tiny_model_dir, encoder, last_layers=2, micro_rank=4)
-    build_untrained_bank(root / "wide", wide, documents, encoder, scale=0.3)
-
-    shutil.copytree(root / "docs", root / "corrupt")
-    shard = next((root / "corrupt" / "shards").iterdir())
-    data = bytearray(shard.read_bytes())
-    data[-3] ^= 0xFF
-    shard.write_bytes(bytes(data))
-
-    gemma = build_tiny_model(tmp_path_factory.mktemp("other") / "gemma", arch="gemma2")
-    build_untrained_bank(root / "other-model", default_spec(gemma, encoder, last_layers=2), documents, encoder)
-
-    outside = tmp_path_factory.mktemp("outside")
-    shutil.copytree(root / "docs", outside / "bank")
-    os.symlink(outside / "bank", root / "escape")
-    return root
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, bank_root, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("logs")
-    adapters = tmp_path_factory.mktemp("adapters")
-    with vllm_server(tiny_model_dir, bank_root, logs / "serve.log", "--api-key", API_KEY,
-                     "--doc2atom-adapter-dir", str(adapters), "--doc2atom-adapter-cache", "2") as url:
-        yield {"url": url, "adapters": adapters, "log": logs / "serve.log"}
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
-
-
-def _ask(client, model, question, bank="docs", **kwargs):
-    return client.chat.completions.with_raw_response.create(
-        model=model, messages=[{"role": "user", "content": question}], max_tokens=8, temperature=0,
-        extra_body={"atom_bank": bank}, **kwargs)
-
-
-def _metric(url: str, name: str) -> float:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+from .serving import API_KEY, EXAMPLE_DOCS, IN_SCOPE, OFF_TOPIC, POOL, ask, metric, vllm_server
 
 
 def test_chat_answers_with_a_composed_adapter_and_provenance(client, model):
     for question, document in IN_SCOPE.items():
-        raw = _ask(client, model, question)
+        raw = ask(client, model, question)
         reply = raw.parse()
         provenance = reply.model_extra["doc2atom"]
         assert json.loads(raw.headers["x-doc2atom-provenance"]) == provenance
@@ -107,15 +35,15 @@ def test_chat_answers_with_a_composed_adapter_and_provenance(client, model):
 
 def test_same_selection_reuses_the_registered_adapter(client, model):
     question = next(iter(IN_SCOPE))
-    first = _ask(client, model, question, bank="team/b1").parse().model_extra["doc2atom"]
-    second = _ask(client, model, question, bank="team/b1").parse().model_extra["doc2atom"]
+    first = ask(client, model, question, bank="team/b1").parse().model_extra["doc2atom"]
+    second = ask(client, model, question, bank="team/b1").parse().model_extra["doc2atom"]
     assert second["cache_hit"] and second["adapter"] == first["adapter"]
-    other_bank = _ask(client, model, question, bank="team/b2").parse().model_extra["doc2atom"]
+    other_bank = ask(client, model, question, bank="team/b2").parse().model_extra["doc2atom"]
     assert other_bank["adapter"] != first["adapter"]  # same atoms, other bank content: another adapter
 
 
 def test_streaming_chat_and_completions(client, model):
-    raw = _ask(client, model, "Who wrote the Velmora Orchard Protocol?", stream=True)
+    raw = ask(client, model, "Who wrote the Velmora Orchard Protocol?", stream=True)
     assert not json.loads(raw.headers["x-doc2atom-provenance"])["refused"]
     chunks = list(raw.parse())
     assert len(chunks) > 1 and chunks[-1].choices[0].finish_reason == "length"
@@ -129,16 +57,16 @@ def test_streaming_chat_and_completions(client, model):
 
 
 def test_off_topic_questions_are_refused_without_a_model_call(client, model, server):
-    tokens_before = _metric(server["url"], "vllm:generation_tokens_total")
-    reply = _ask(client, model, OFF_TOPIC).parse()
+    tokens_before = metric(server["url"], "vllm:generation_tokens_total")
+    reply = ask(client, model, OFF_TOPIC).parse()
     assert reply.choices[0].message.content == DEFAULT_REFUSAL
     assert reply.model_extra["doc2atom"] == {"atom_bank": "docs", "refused": True, "atoms": []}
-    chunks = list(_ask(client, model, OFF_TOPIC, stream=True, n=2).parse())
+    chunks = list(ask(client, model, OFF_TOPIC, stream=True, n=2).parse())
     assert sorted(c.choices[i].delta.content for c in chunks for i in range(len(c.choices))) == [DEFAULT_REFUSAL] * 2
     completion = client.completions.create(model=model, prompt=OFF_TOPIC, max_tokens=5,
                                            extra_body={"atom_bank": "docs"})
     assert completion.choices[0].text == DEFAULT_REFUSAL and completion.object == "text_completion"
-    assert _metric(server["url"], "vllm:generation_tokens_total") == tokens_before
+    assert metric(server["url"], "vllm:generation_tokens_total") == tokens_before
 
 
 def test_requests_without_a_bank_are_untouched(client, model):
@@ -167,7 +95,7 @@ BAD_REQUESTS = {
     "corrupt bank": ({"atom_bank": "corrupt"}, 422, "sha256 does not match"),
     "other base model": ({"atom_bank": "other-model"}, 409, "does not match the served model"),
     "bank not a string": ({"atom_bank": 5}, 400, "must be a non-empty string"),
-    "bank as a list": ({"atom_bank": ["docs"]}, 400, "must be a non-empty string"),
+    "bank as a list of numbers": ({"atom_bank": [1, 2]}, 400, "must be a non-empty string"),
     "no user message": ({"atom_bank": "docs", "messages": [{"role": "system", "content": "hi"}]}, 400,
                         "needs a user message"),
 }
@@ -182,7 +110,7 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(client, mod
     assert err.value.status_code == status
     body = err.value.response.json()["error"]
     assert message in body["message"] and body["code"] == status and body["type"].endswith("Error")
-    assert _ask(client, model, "Who wrote the Velmora Orchard Protocol?").parse().choices  # still serving
+    assert ask(client, model, "Who wrote the Velmora Orchard Protocol?").parse().choices  # still serving
 
 
 @pytest.mark.parametrize("prompt,message", [([1, 2, 3], "token ids cannot be routed"),
@@ -200,12 +128,12 @@ def test_malformed_json_is_left_to_vllm(server):
 
 
 def test_unauthenticated_requests_do_no_work(server):
-    before = _metric(server["url"], "doc2atom_requests_total")
+    before = metric(server["url"], "doc2atom_requests_total")
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         response = httpx.post(server["url"] + "/v1/chat/completions", headers=headers, json={
             "model": "x", "messages": [{"role": "user", "content": "hi"}], "atom_bank": "no-such-bank"})
         assert response.status_code == 401  # not 404: the bank was never looked up
-    assert _metric(server["url"], "doc2atom_requests_total") == before
+    assert metric(server["url"], "doc2atom_requests_total") == before
 
 
 def test_concurrent_requests_on_different_banks(client, model):
@@ -214,7 +142,7 @@ def test_concurrent_requests_on_different_banks(client, model):
     def ask(i: int):
         bank = POOL[i % len(POOL)]
         try:
-            return bank, _ask(client, model, questions[i % len(questions)], bank=bank).parse()
+            return bank, ask(client, model, questions[i % len(questions)], bank=bank).parse()
         except openai.APIStatusError as exc:  # say what the server answered (a traceback alone does not)
             raise AssertionError(f"request {i} on bank {bank!r}: HTTP {exc.status_code} {exc.body}") from None
 
@@ -226,24 +154,24 @@ def test_concurrent_requests_on_different_banks(client, model):
 
 def test_unused_adapters_are_evicted(client, model, server):
     for question in IN_SCOPE:
-        _ask(client, model, question, bank="team/b3")
+        ask(client, model, question, bank="team/b3")
     folders = [p for p in server["adapters"].glob("*/d2a-*")]
     assert 0 < len(folders) <= 2  # --doc2atom-adapter-cache 2, nothing in flight
     served = {m.id for m in client.models.list().data}
-    assert {p.name for p in folders} <= served and len(served) <= 3
+    assert served == {model}  # composed adapters are internal: not listed
 
 
 def test_bank_changes_on_disk_are_picked_up(client, model, bank_root):
     question = "Which comet did astronomers at Brightwater discover?"
-    before = _ask(client, model, question, bank="mutable").parse().model_extra["doc2atom"]
+    before = ask(client, model, question, bank="mutable").parse().model_extra["doc2atom"]
     assert "brightwater_observatory" in {a["document_id"] for a in before["atoms"]}
     AtomBank.load(bank_root / "mutable").remove_documents(["brightwater_observatory"])
-    after = _ask(client, model, question, bank="mutable").parse().model_extra["doc2atom"]
+    after = ask(client, model, question, bank="mutable").parse().model_extra["doc2atom"]
     assert "brightwater_observatory" not in {a["document_id"] for a in after["atoms"]}
 
 
 def test_metrics_are_exposed(server, client, model):
-    _ask(client, model, next(iter(IN_SCOPE)))
+    ask(client, model, next(iter(IN_SCOPE)))
     text = httpx.get(server["url"] + "/metrics").text
     for name in ("doc2atom_requests_total", "doc2atom_compose_seconds_bucket", "doc2atom_route_seconds_bucket",
                  "doc2atom_adapter_cache_total", "doc2atom_atoms_per_request_bucket"):
@@ -293,14 +221,14 @@ def test_two_api_servers_agree_on_adapter_identity(shared_server):
     model = client.models.list().data[0].id
     question = "Who wrote the Velmora Orchard Protocol?"
     with ThreadPoolExecutor(4) as pool:
-        replies = list(pool.map(lambda _: _ask(client, model, question).parse(), range(8)))
+        replies = list(pool.map(lambda _: ask(client, model, question).parse(), range(8)))
     assert len({r.model_extra["doc2atom"]["adapter"] for r in replies}) == 1
 
-    refused = _ask(client, model, OFF_TOPIC).parse()
+    refused = ask(client, model, OFF_TOPIC).parse()
     assert refused.model_extra["doc2atom"]["refused"]
     assert refused.choices[0].message.content != DEFAULT_REFUSAL  # the base model answered
 
-    wide = _ask(client, model, "Tell me about Brightwater Observatory and its telescope.", bank="wide")
+    wide = ask(client, model, "Tell me about Brightwater Observatory and its telescope.", bank="wide")
     provenance = wide.parse().model_extra["doc2atom"]
     assert provenance["rank"] <= 8 and len(provenance["atoms"]) <= 2  # rank-4 atoms, --max-lora-rank 8
     assert provenance.get("dropped_for_rank")  # the broad question routed more atoms than fit

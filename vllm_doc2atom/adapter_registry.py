@@ -10,7 +10,9 @@ until an eviction of that name has finished (else the eviction would delete the 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import os
 import shutil
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,6 +24,28 @@ from .composer import ComposedAdapter, save_peft_adapter
 from .errors import Doc2AtomError
 
 logger = logging.getLogger(__name__)
+
+
+def claim_adapter_dir(own: Path) -> None:
+    """Make `own` (<adapter dir>/<pid>) this process's: remove it at exit, and sweep the folders that dead
+    API-server processes left beside it (a crash or SIGKILL skips their exit handler)."""
+    atexit.register(shutil.rmtree, own, True)
+    if not own.parent.is_dir():
+        return
+    for folder in own.parent.iterdir():
+        if folder.name.isdigit() and folder != own and not _alive(int(folder.name)):
+            logger.info("doc2atom: removing composed adapters left by dead process %s", folder.name)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 class AdapterRejected(Doc2AtomError):

@@ -1,14 +1,17 @@
 """The ASGI middleware that `--plugin doc2atom` adds to vLLM's API server.
 
-For POST /v1/chat/completions and /v1/completions whose JSON body names an `atom_bank`:
-    question -> bank (cached) -> router -> refusal (no model call) or composed adapter registered
-    with the engine -> the body's `model` becomes the adapter's name -> vLLM generates with it.
+For POST /v1/chat/completions, /v1/completions and /v1/responses whose JSON body names an `atom_bank`
+(one bank or a list of banks routed together):
+    vLLM's own request checks -> question -> bank(s) (cached) -> router -> refusal (no model call) or
+    composed adapter registered with the engine -> the body's `model` becomes the adapter's name -> vLLM
+    generates with it (optionally with the routed atoms' text before the question: `atom_evidence`).
 The response carries provenance (the atoms used) in an `x-doc2atom-provenance` header and, for
-non-streamed JSON, in a `doc2atom` field. GET /v1/atom_banks lists the banks. Everything else
-passes through untouched.
+non-streamed JSON, in a `doc2atom` field. GET /v1/atom_banks lists the banks. Any other endpoint that is
+sent an `atom_bank` answers 400 (never the base model, as if the bank had answered). Composed adapters are
+internal: hidden from GET /v1/models, and a request naming one directly gets vLLM's 404.
 
-vLLM adds `--middleware` entries outside its own API-key check, so this checks the key first and
-lets unauthenticated requests through to vLLM's 401 before doing any work.
+vLLM adds `--middleware` entries outside its own API-key check, so this checks the key first, exactly as
+vLLM will, and lets unauthenticated requests through to vLLM's 401 before doing any work.
 """
 
 from __future__ import annotations
@@ -16,24 +19,36 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
+import re
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .asgi import Receive, Scope, Send, parse_json, read_body, replay, rewriting_json, send_body
 from .errors import BankError
-from .openai_io import ROUTED_PATHS, RequestError, error_body, extract_question, refusal_body, refusal_events
+from .openai_io import (
+    RESPONSE_OBJECTS,
+    ROUTED_PATHS,
+    RequestError,
+    error_body,
+    extract_question,
+    refusal_body,
+    refusal_events,
+    with_evidence,
+)
 
 logger = logging.getLogger(__name__)
 
 BANKS_PATH = "/v1/atom_banks"
+MODELS_PATH = "/v1/models"
+GUARDED_PREFIX = "/v1"  # where vLLM checks the API key (vllm.entrypoints.serve.middleware.authenticate)
 PROVENANCE_HEADER = b"x-doc2atom-provenance"
-BANK_ERROR_STATUS = {"not_found": 404, "bad_request": 400, "mismatch": 409, "invalid": 422}
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+PLUGIN_FIELDS = ("atom_bank", "atom_evidence")
+BANK_ERROR_STATUS = {"not_found": 404, "bad_request": 400, "mismatch": 409, "invalid": 422, "stale": 409}
+COMPOSED_NAME = re.compile(r"d2a-[0-9a-f]{24}")
+# The router reads at most this much of a question: a sentence encoder truncates far earlier, and a
+# multi-megabyte question must not cost seconds of CPU before vLLM's own length check answers it.
+MAX_ROUTED_CHARS = 4096
 
 
 @dataclass
@@ -47,31 +62,46 @@ class _Runtime:
 
 
 class Doc2AtomMiddleware:
-    def __init__(self, app: Callable) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
         self._serve_settings = None  # ServeSettings, read from vLLM's args on the first request
+        self._authenticator = None  # vLLM's own API-key check
         self._runtime: _Runtime | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        method, path = scope["method"], scope["path"]
-        kind = ROUTED_PATHS.get(path)
-        is_banks = method == "GET" and path == BANKS_PATH
-        if not (is_banks or (method == "POST" and kind)) or not self._authorized(scope):
-            return await self.app(scope, receive, send)  # vLLM answers (a 401 if unauthenticated)
-        runtime = self._runtime_for(scope)
-        if is_banks:
-            banks = await asyncio.to_thread(runtime.banks.list)
-            return await _send_body(send, 200, json.dumps({"object": "list", "data": banks}).encode())
+        method = scope["method"]
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        if not self._authorized(scope, path):
+            return await self.app(scope, receive, send)  # vLLM answers 401
+        if method == "GET" and path == MODELS_PATH:
+            return await self.app(scope, receive, rewriting_json(send, _without_composed_adapters))
+        if method == "GET" and path == BANKS_PATH:
+            banks = await asyncio.to_thread(self._runtime_for(scope).banks.list)
+            return await send_body(send, 200, json.dumps({"object": "list", "data": banks}).encode())
+        if method != "POST":
+            return await self.app(scope, receive, send)
 
-        body = await _read_body(receive)
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            payload = None
-        if not isinstance(payload, dict) or "atom_bank" not in payload:
-            return await self.app(scope, _replay(body, receive), send)
+        body = await read_body(receive)
+        payload = parse_json(body)
+        if not isinstance(payload, dict):
+            return await self.app(scope, replay(body, receive), send)  # vLLM answers what it answers
+        model = payload.get("model")
+        if isinstance(model, str) and COMPOSED_NAME.fullmatch(model):
+            message = f"The model `{model}` does not exist."  # vLLM's words for an unknown model
+            return await send_body(send, 404, error_body(message, 404, "model"))
+        if not any(field in payload for field in PLUGIN_FIELDS):
+            return await self.app(scope, replay(body, receive), send)
+        kind = ROUTED_PATHS.get(path)
+        if kind is None:
+            message = (f"`atom_bank` is not served on {path[:100]}; send it to "
+                       + ", ".join(ROUTED_PATHS) + " (nothing was answered from the bank)")
+            return await send_body(send, 400, error_body(message, 400, "atom_bank"))
+        await self._serve_safely(self._runtime_for(scope), scope, receive, send, kind, payload)
+
+    async def _serve_safely(self, rt: _Runtime, scope: Scope, receive: Receive, send: Send, kind: str,
+                            payload: dict[str, Any]) -> None:
         started = False
 
         async def tracking_send(message: dict[str, Any]) -> None:
@@ -80,47 +110,78 @@ class Doc2AtomMiddleware:
             await send(message)
 
         try:
-            await self._serve(runtime, scope, receive, tracking_send, kind, payload)
+            await self._serve(rt, scope, receive, tracking_send, kind, payload)
         except (RequestError, BankError) as exc:
             status = exc.status if isinstance(exc, RequestError) else BANK_ERROR_STATUS.get(exc.kind, 400)
             param = exc.param if isinstance(exc, RequestError) else "atom_bank"
             _metrics().requests.labels("error").inc()
-            logger.info("doc2atom: %d %s", status, exc)
-            await _send_body(send, status, error_body(str(exc), status, param))
+            logger.info("doc2atom: %d %s", status, str(exc)[:500])
+            await send_body(send, status, error_body(str(exc), status, param))
         except Exception:
             _metrics().requests.labels("error").inc()
             logger.exception("doc2atom: request failed")
             if started:
                 raise
-            await _send_body(send, 500, error_body("doc2atom could not serve this request (see the server log)", 500))
+            await send_body(send, 500, error_body("doc2atom could not serve this request (see the server log)", 500))
 
     async def _serve(self, rt: _Runtime, scope: Scope, receive: Receive, send: Send, kind: str,
                      payload: dict[str, Any]) -> None:
+        from .vllm_checks import vllm_rejection
+
+        bank_names = payload.pop("atom_bank", None)
+        evidence = payload.pop("atom_evidence", None)
+        if bank_names is None:
+            raise RequestError("`atom_evidence` needs an `atom_bank`", param="atom_evidence")
+        if evidence is not None and not isinstance(evidence, bool):
+            raise RequestError("`atom_evidence` must be true or false", param="atom_evidence")
+        rejection = await vllm_rejection(scope, kind, payload)
+        if rejection is not None:
+            return await rejection(scope, receive, send)
+        question = extract_question(kind, payload)[:MAX_ROUTED_CHARS]
+        use_evidence = rt.settings.evidence if evidence is None else evidence
+        for attempt in range(2):
+            try:
+                return await self._answer(rt, scope, receive, send, kind, payload, bank_names, question,
+                                          use_evidence)
+            except BankError as exc:
+                if exc.kind != "stale" or attempt:
+                    raise
+                logger.info("doc2atom: bank changed while answering, routing again: %s", exc)
+
+    async def _answer(self, rt: _Runtime, scope: Scope, receive: Receive, send: Send, kind: str,
+                      payload: dict[str, Any], bank_names: Any, question: str, use_evidence: bool) -> None:
         from .adapter_registry import AdapterRejected
         from .composer import adapter_identity, compose, fit_rank_budget
 
-        bank_name = payload.pop("atom_bank")
-        question = extract_question(kind, payload)
-        bank = await asyncio.to_thread(rt.banks.get, bank_name)
+        several = isinstance(bank_names, list)
+        bank = await asyncio.to_thread(rt.banks.get_many if several else rt.banks.get, bank_names)
         start = time.perf_counter()
         result = await asyncio.to_thread(rt.routers.route, bank, question)
         _metrics().route_seconds.observe(time.perf_counter() - start)
-        provenance: dict[str, Any] = {"atom_bank": bank_name, "refused": result.refused,
-                                      "atoms": [r.provenance() for r in result.kept]}
+
+        def atom_provenance(routed: Any) -> dict[str, Any]:
+            entry = routed.provenance()
+            if several:
+                entry["atom_bank"] = bank.bank_name_of(routed.index)
+            return entry
+
+        provenance: dict[str, Any] = {"atom_bank": bank_names, "refused": result.refused,
+                                      "atoms": [atom_provenance(r) for r in result.kept]}
         if result.refused:
             _metrics().requests.labels("refused").inc()
-            logger.info("doc2atom bank=%s atoms=0 refused=True mode=%s", bank_name, rt.settings.on_refusal)
+            logger.info("doc2atom bank=%s atoms=0 refused=True mode=%s", bank_names, rt.settings.on_refusal)
             if rt.settings.on_refusal == "refuse":
                 return await _send_refusal(send, kind, payload, rt.settings.refusal_message, provenance)
             return await self._forward(scope, receive, send, payload, provenance)
 
         used, dropped = fit_rank_budget(result.selection, bank.spec.micro_rank, rt.settings.max_lora_rank)
         if not used:
-            raise RequestError(f"atoms of bank {bank_name!r} have rank {bank.spec.micro_rank}, above the server's "
+            raise RequestError(f"atoms of bank {bank_names!r} have rank {bank.spec.micro_rank}, above the server's "
                                f"--max-lora-rank {rt.settings.max_lora_rank}", status=409, param="atom_bank")
         name, int_id = adapter_identity(bank.fingerprint, used)
         kept_rows = {row for row, _ in used}
-        provenance["atoms"] = [r.provenance() for r in result.kept if r.index in kept_rows]
+        kept = [r for r in result.kept if r.index in kept_rows]
+        provenance["atoms"] = [atom_provenance(r) for r in kept]
         if dropped:
             provenance["dropped_for_rank"] = [bank.atoms[row].id for row, _ in dropped]
         start = time.perf_counter()
@@ -137,8 +198,11 @@ class Doc2AtomMiddleware:
             metrics.compose_seconds.observe(compose_ms / 1e3)
         provenance.update(adapter=name, rank=len(used) * bank.spec.micro_rank, cache_hit=hit)
         logger.info("doc2atom bank=%s atoms=%d refused=False compose_ms=%.1f cache_hit=%s adapter=%s",
-                    bank_name, len(used), compose_ms, hit, name)
+                    bank_names, len(used), compose_ms, hit, name)
         payload["model"] = lora.lora_name
+        if use_evidence:
+            payload = with_evidence(kind, payload, [r.atom.text for r in kept])
+            provenance["evidence"] = True
         try:
             await self._forward(scope, receive, send, payload, provenance)
         finally:
@@ -150,35 +214,27 @@ class Doc2AtomMiddleware:
         body = json.dumps(payload).encode()
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         scope = {**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}
-        header_value = json.dumps(provenance, separators=(",", ":")).encode()
-        buffered: dict[str, Any] = {}
+        header = [(PROVENANCE_HEADER, json.dumps(provenance, separators=(",", ":")).encode())]
 
-        async def send_with_provenance(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                response_headers = list(message.get("headers", []))
-                content_type = dict(response_headers).get(b"content-type", b"")
-                if message["status"] == 200 and content_type.startswith(b"application/json"):
-                    buffered["start"] = {**message, "headers": response_headers}  # rewritten at the end
-                    buffered["body"] = b""
-                    return
-                return await send({**message, "headers": response_headers + [(PROVENANCE_HEADER, header_value)]})
-            if message["type"] == "http.response.body" and "start" in buffered:
-                buffered["body"] += message.get("body", b"")
-                if message.get("more_body"):
-                    return
-                return await _send_body(send, 200, _with_provenance(buffered["body"], provenance),
-                                        [(PROVENANCE_HEADER, header_value)])
-            await send(message)
+        def add_provenance(data: Any) -> Any:
+            if isinstance(data, dict) and data.get("object") in RESPONSE_OBJECTS:
+                data["doc2atom"] = provenance
+            return data
 
-        await self.app(scope, _replay(body, receive), send_with_provenance)
+        await self.app(scope, replay(body, receive), rewriting_json(send, add_provenance, header))
 
-    def _authorized(self, scope: Scope) -> bool:
-        keys = self._settings(scope).api_keys
-        if not keys:
+    def _authorized(self, scope: Scope, path: str) -> bool:
+        """vLLM's own API-key check (same header, same comparison), for the paths vLLM guards."""
+        settings = self._settings(scope)
+        if not settings.api_keys or not path.startswith(GUARDED_PREFIX) or scope["method"] == "OPTIONS":
             return True
-        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        token = auth[7:] if auth.lower().startswith("bearer ") else ""
-        return any(secrets.compare_digest(token.encode(), k.encode()) for k in keys)
+        if self._authenticator is None:
+            from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+            self._authenticator = AuthenticationMiddleware(self.app, list(settings.api_keys))
+        from starlette.datastructures import Headers
+
+        return self._authenticator.verify_token(Headers(scope=scope))
 
     def _settings(self, scope: Scope):
         if self._serve_settings is None:
@@ -189,7 +245,7 @@ class Doc2AtomMiddleware:
 
     def _runtime_for(self, scope: Scope) -> _Runtime:
         if self._runtime is None:
-            from .adapter_registry import AdapterRegistry
+            from .adapter_registry import AdapterRegistry, claim_adapter_dir
             from .bank_store import BankStore
             from .fingerprint import BaseModelFingerprint
             from .router import RouterConfig, RouterPool
@@ -198,6 +254,7 @@ class Doc2AtomMiddleware:
             settings = self._settings(scope)
             served = BaseModelFingerprint.from_config(state.engine_client.model_config.hf_config.to_dict(),
                                                       name=str(state.args.model))
+            claim_adapter_dir(settings.adapter_dir)
             registry = AdapterRegistry(settings.adapter_dir, settings.adapter_cache_size, state.engine_client,
                                        state.openai_serving_models, remove_from_engine=not settings.shared_engine)
             routers = RouterPool(RouterConfig(top_k=settings.top_k, threshold=settings.threshold,
@@ -217,62 +274,25 @@ def _log_like_vllm() -> None:
         package.propagate = False
 
 
+def _without_composed_adapters(models: Any) -> Any:
+    """GET /v1/models without the composed adapters (internal: a request that names one gets a 404)."""
+    if isinstance(models, dict) and isinstance(models.get("data"), list):
+        models["data"] = [m for m in models["data"]
+                          if not (isinstance(m, dict) and COMPOSED_NAME.fullmatch(str(m.get("id", ""))))]
+    return models
+
+
 def _metrics():
     from .metrics import metrics
 
     return metrics()
 
 
-def _with_provenance(body: bytes, provenance: dict[str, Any]) -> bytes:
-    try:
-        data = json.loads(body)
-    except json.JSONDecodeError:
-        return body
-    if isinstance(data, dict) and "choices" in data:
-        data["doc2atom"] = provenance
-        return json.dumps(data).encode()
-    return body
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive() that yields the already-read body once, then defers to the client (disconnects)."""
-    sent = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-async def _send_body(send: Send, status: int, body: bytes, headers: list | None = None,
-                     content_type: bytes = b"application/json") -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-                + (headers or [])})
-    await send({"type": "http.response.body", "body": body})
-
-
 async def _send_refusal(send: Send, kind: str, payload: dict[str, Any], message: str,
                         provenance: dict[str, Any]) -> None:
     header = [(PROVENANCE_HEADER, json.dumps(provenance, separators=(",", ":")).encode())]
     if not payload.get("stream"):
-        return await _send_body(send, 200, refusal_body(kind, payload, message, provenance), header)
+        return await send_body(send, 200, refusal_body(kind, payload, message, provenance), header)
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/event-stream; charset=utf-8")] + header})
     for event in refusal_events(kind, payload, message, provenance):

@@ -30,6 +30,7 @@ class ServeSettings:
     max_lora_rank: int = 64
     api_keys: tuple[str, ...] = ()
     shared_engine: bool = False  # several API server processes share one engine
+    evidence: bool = False  # also put the routed atoms' text before the question (per request: atom_evidence)
 
     @classmethod
     def from_args(cls, args: Namespace) -> ServeSettings:
@@ -46,4 +47,5 @@ class ServeSettings:
             max_lora_rank=int(getattr(args, "max_lora_rank", None) or 16),
             api_keys=tuple(keys),
             shared_engine=(getattr(args, "api_server_count", None) or 1) > 1,
+            evidence=bool(getattr(args, "doc2atom_evidence", False)),
         )

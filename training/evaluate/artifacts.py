@@ -17,11 +17,15 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ROUTED = ("doc2atom", "doc2atom_optimize", "doc2atom_study")
+ROUTED = ("doc2atom", "doc2atom_optimize", "doc2atom_study", "doc2atom_evidence")
 MONOLITHIC = ("d2l_raw", "d2l_atom", "d2l_study")
 NO_ARTIFACT = ("base", "icl")
-METHODS = ("base", "icl", "d2l_raw", "d2l_atom", "d2l_study", "doc2atom", "doc2atom_optimize", "doc2atom_study")
-STUDY_METHODS = ("doc2atom_study", "d2l_study")  # no checkpoint: self-study with the base model
+METHODS = ("base", "icl", "d2l_raw", "d2l_atom", "d2l_study", "doc2atom", "doc2atom_optimize", "doc2atom_study",
+           "doc2atom_evidence")
+STUDY_METHODS = ("doc2atom_study", "d2l_study", "doc2atom_evidence")  # no checkpoint: self-study with the base model
+# Served with `atom_evidence`: the routed atoms' text before the question too (its banks are doc2atom_study's,
+# compiled again under its own name: the self-study cache makes that free).
+EVIDENCE = ("doc2atom_evidence",)
 
 
 @dataclass(frozen=True)

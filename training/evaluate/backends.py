@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..data.teacher import teacher_messages
-from .artifacts import MONOLITHIC, ROUTED, artifact_name, lora_name
+from .artifacts import EVIDENCE, MONOLITHIC, ROUTED, artifact_name, lora_name
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ class Reply:
     flagged_refusal: bool  # doc2atom refused (no atom covers the question): no model call
     seconds: float
     atoms: int = 0  # atoms composed (routed methods)
+    prompt_tokens: int = 0  # what the model read (0: refused without a model call)
 
 
 def messages_for(method: str, document: str, question: str) -> list[dict[str, str]]:
@@ -72,7 +73,7 @@ class ServedBackend:
     def answer(self, method: str, document_id: str, document: str, question: str) -> Reply:
         model, extra = self.base_model, {}
         if method in ROUTED:
-            extra = {"atom_bank": artifact_name(method, document_id)}
+            extra = {"atom_bank": artifact_name(method, document_id), "atom_evidence": method in EVIDENCE}
         elif method in MONOLITHIC:
             model = lora_name(method, document_id)
         start = time.perf_counter()
@@ -82,7 +83,7 @@ class ServedBackend:
         seconds = time.perf_counter() - start
         provenance = (reply.model_extra or {}).get("doc2atom") or {}
         return Reply(reply.choices[0].message.content or "", bool(provenance.get("refused")), seconds,
-                     len(provenance.get("atoms", [])))
+                     len(provenance.get("atoms", [])), reply.usage.prompt_tokens if reply.usage else 0)
 
 
 class TransformersBackend:
@@ -113,7 +114,7 @@ class TransformersBackend:
 
     def answer(self, method: str, document_id: str, document: str, question: str) -> Reply:
         start = time.perf_counter()
-        adapter, atoms = None, 0
+        adapter, atoms, evidence = None, 0, []
         if method in ROUTED:
             from vllm_doc2atom.composer import compose, save_peft_adapter
 
@@ -125,12 +126,20 @@ class TransformersBackend:
                 return Reply(DEFAULT_REFUSAL, True, time.perf_counter() - start)
             composed = compose(bank, result.selection, self.max_lora_rank)
             adapter, atoms = save_peft_adapter(composed, self.scratch), len(composed.used)
+            if method in EVIDENCE:
+                used = {row for row, _ in composed.used}
+                evidence = [r.atom.text for r in result.kept if r.index in used]
         elif method in MONOLITHIC:
             adapter = self.work_dir / "adapters" / method / lora_name(method, document_id)
-        text = self._generate(messages_for(method, document, question), adapter)
-        return Reply(text, False, time.perf_counter() - start, atoms)
+        messages = messages_for(method, document, question)
+        if evidence:
+            from vllm_doc2atom.openai_io import with_evidence
 
-    def _generate(self, messages: list[dict[str, str]], adapter: Path | None) -> str:
+            messages = with_evidence("chat", {"messages": messages}, evidence)["messages"]
+        text, prompt_tokens = self._generate(messages, adapter)
+        return Reply(text, False, time.perf_counter() - start, atoms, prompt_tokens)
+
+    def _generate(self, messages: list[dict[str, str]], adapter: Path | None) -> tuple[str, int]:
         import torch
         from peft import PeftModel
 
@@ -144,4 +153,4 @@ class TransformersBackend:
         finally:
             if adapter:
                 model.unload()  # back to the plain base model for the next answer
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), ids.shape[1]

@@ -106,7 +106,7 @@ def recipes_for(config: EvalConfig, model_dir: Path) -> tuple[dict[str, MethodRe
 def score(item: Item, reply: Reply) -> dict[str, Any]:
     refused = reply.flagged_refusal or looks_like_refusal(reply.text)
     row = {**asdict(item), "reply": reply.text, "refused": refused, "flagged_refusal": reply.flagged_refusal,
-           "seconds": round(reply.seconds, 4), "atoms": reply.atoms}
+           "seconds": round(reply.seconds, 4), "atoms": reply.atoms, "prompt_tokens": reply.prompt_tokens}
     if item.kind == ANSWERABLE:
         row |= {"f1": best_over(token_f1, reply.text, item.answers), "em": best_over(exact_match, reply.text,
                                                                                         item.answers),
@@ -127,6 +127,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "refusal_recall": round(100 * refusal.recall, 2), "refusal_f1": round(100 * refusal.f1, 2),
             "should_refuse": refusal.should_refuse, "refused": refusal.refused,
             "latency_median_s": round(statistics.median(called), 3) if called else None,
+            "prompt_tokens_mean": round(statistics.fmean(r.get("prompt_tokens", 0) for r in rows if not
+                                                         r["flagged_refusal"]), 1) if called else None,
             "latency_p90_s": round(statistics.quantiles(called, n=10)[-1], 3) if len(called) > 1 else None}
 
 
