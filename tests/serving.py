@@ -105,9 +105,10 @@ def model(client) -> str:
 
 
 def ask(client, model, question, bank="docs", extra: dict | None = None, **kwargs):
+    settings = {"max_tokens": 8, "temperature": 0, **kwargs}
     return client.chat.completions.with_raw_response.create(
-        model=model, messages=[{"role": "user", "content": question}], max_tokens=8, temperature=0,
-        extra_body={"atom_bank": bank, **(extra or {})}, **kwargs)
+        model=model, messages=[{"role": "user", "content": question}], extra_body={"atom_bank": bank, **(extra or {})},
+        **settings)
 
 
 def metric(url: str, name: str) -> float:

@@ -13,6 +13,10 @@ The manifest is the commit point: shards are content-addressed and immutable, so
 removing a document writes or drops one shard and then atomically replaces the manifest;
 the other documents' files are never touched. The stage-1 index is rebuilt from `keys` on load.
 Nothing is pickled: safetensors + JSON only.
+
+A loaded bank remembers each shard's stat (inode, size, mtime, ctime) and checks it whenever it reads
+factors, so a shard changed, truncated or deleted under a running server is a BankError, never NaN
+factors or a crash. Error messages name the bank by its `name` and files relative to the bank.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 QUERY_PROJECTION = "query_projection.safetensors"  # optional: maps the sentence encoder into the key space
+StatKey = tuple[int, int, int, int]  # (st_ino, st_size, st_mtime_ns, st_ctime_ns): still the same file?
 ATOM_TYPES = ("fact_claim", "entity_attribute", "event_relation", "process_step", "evidence_fragment")
 
 
@@ -91,6 +96,10 @@ class BankSpec:
                 raise BankError(f"unsupported target module {t.module!r}; choose from {sorted(MODULE_PARENTS)}")
             if not 0 <= t.layer < self.base_model.num_layers:
                 raise BankError(f"target layer {t.layer} outside the base model's {self.base_model.num_layers} layers")
+        if self.router_head is not None:
+            from .router import RouterHead  # lazily: router imports this module
+
+            RouterHead.from_dict(self.router_head)  # refuse a bad head now, not mid-routing
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -162,7 +171,7 @@ class AtomRecord:
     def from_dict(cls, data: dict[str, Any]) -> AtomRecord:
         try:
             return cls(**{**data, "span": tuple(data["span"])})
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise BankError(f"malformed atom record {str(data)[:120]}: {exc}") from exc
 
 
@@ -179,29 +188,35 @@ class DocumentAtoms:
 class _Shard:
     document_id: str
     path: Path
+    name: str  # relative to the bank ("shards/<sha>.safetensors"): how messages name it
     sha256: str
     first_row: int  # global index of the shard's first atom
     num_atoms: int
+    stat: StatKey  # of the file whose content was verified; updated when a changed file re-hashes equal
 
 
 class AtomBank:
-    """A loaded, validated atom bank. Keys and gates are in memory; factors are read on demand (mmap)."""
+    """A loaded, validated atom bank. Keys and gates are in memory; factors are read on demand."""
 
     def __init__(self, path: Path, spec: BankSpec, atoms: list[AtomRecord], shards: list[_Shard],
-                 keys: np.ndarray, gates: np.ndarray, manifest_sha256: str) -> None:
+                 keys: np.ndarray, gates: np.ndarray, manifest_sha256: str, manifest_stat: StatKey | None = None,
+                 name: str | None = None) -> None:
         self.path = path
+        self.name = str(path) if name is None else name  # how messages name the bank (a server: the request's)
         self.spec = spec
         self.atoms = atoms
         self.keys = keys  # [N, key_dim] float32
         self.gates = gates  # [N, T] float32
         self.fingerprint = manifest_sha256  # changes with any change of content
         self._shards = shards
+        self._starts = [s.first_row for s in shards]
+        self._manifest_stat = manifest_stat  # None: unknown, so any missing shard counts as a manifest change
 
     def __len__(self) -> int:
         return len(self.atoms)
 
     def __repr__(self) -> str:
-        return f"AtomBank({str(self.path)!r}, atoms={len(self)}, documents={len(self._shards)})"
+        return f"AtomBank({self.name!r}, atoms={len(self)}, documents={len(self._shards)})"
 
     @property
     def document_ids(self) -> list[str]:
@@ -211,35 +226,56 @@ class AtomBank:
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect_base: BaseModelFingerprint | None = None,
-             verify: bool = True) -> AtomBank:
-        """Load and validate a bank. `verify` also checks shard hashes and that every factor is finite."""
+             verify: bool = True, name: str | None = None) -> AtomBank:
+        """Load and validate a bank. `verify` also checks shard hashes and that every factor is finite.
+
+        Every error is a BankError that names the bank as `name` (default: its path) and its files relative
+        to it: a server passes the request's bank name so that no message reveals where banks live on disk.
+        """
         path = Path(path)
+        label = str(path) if name is None else name
+        try:
+            return cls._load(path, expect_base, verify, label)
+        except BankError as exc:
+            raise BankError(f"bank {label!r}: {exc}", kind=exc.kind) from exc
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            # A manifest shaped in a way no check above foresaw: still the bank's fault, not a server error.
+            logger.warning("bank %s: unexpected %s while loading: %s", path, type(exc).__name__, exc)
+            raise BankError(f"bank {label!r}: malformed manifest ({type(exc).__name__})") from exc
+
+    @classmethod
+    def _load(cls, path: Path, expect_base: BaseModelFingerprint | None, verify: bool, label: str) -> AtomBank:
         if not path.is_dir():
-            raise BankError(f"no atom bank at {path}: not a directory", kind="not_found")
-        manifest_file = path / MANIFEST_NAME
-        if not manifest_file.is_file():
-            raise BankError(f"{path} is not an atom bank: missing {MANIFEST_NAME}")
-        raw = manifest_file.read_bytes()
+            raise BankError("not found: not a directory", kind="not_found")
+        if not (path / MANIFEST_NAME).is_file():
+            raise BankError(f"not an atom bank: missing {MANIFEST_NAME}")
+        try:
+            with open(path / MANIFEST_NAME, "rb") as f:
+                manifest_stat = _stat_key(os.fstat(f.fileno()))  # of exactly the bytes read
+                raw = f.read()
+        except OSError as exc:
+            raise BankError(f"cannot read {MANIFEST_NAME} ({exc.strerror or type(exc).__name__})") from exc
         try:
             manifest = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BankError(f"{manifest_file}: invalid JSON ({exc})") from exc
+            raise BankError(f"{MANIFEST_NAME}: invalid JSON ({exc})") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-            raise BankError(f"{manifest_file}: not a {FORMAT_NAME} manifest")
+            raise BankError(f"{MANIFEST_NAME}: not a {FORMAT_NAME} manifest")
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
-            raise BankError(f"{path}: unknown bank format version {version!r} (this build reads {FORMAT_VERSION})")
+            shown = repr(version)[:20]
+            raise BankError(f"unknown bank format version {shown} (this build reads {FORMAT_VERSION})")
         spec = BankSpec.from_dict(manifest.get("spec") or {})
         if expect_base is not None:
             diffs = spec.base_model.differences(expect_base)
             if diffs:
                 raise BankError(
-                    f"{path} was compiled for base model {spec.base_model.name!r}, which does not match the "
+                    f"compiled for base model {spec.base_model.name!r}, which does not match the "
                     f"served model {expect_base.name!r}: " + "; ".join(diffs), kind="mismatch")
 
         documents = manifest.get("documents")
         if not isinstance(documents, list):
-            raise BankError(f"{manifest_file}: 'documents' must be a list")
+            raise BankError(f"{MANIFEST_NAME}: 'documents' must be a list")
         atoms: list[AtomRecord] = []
         shards: list[_Shard] = []
         keys: list[np.ndarray] = []
@@ -249,36 +285,49 @@ class AtomBank:
             try:
                 doc_id, shard_name, sha, records = entry["id"], entry["shard"], entry["sha256"], entry["atoms"]
             except (KeyError, TypeError) as exc:
-                raise BankError(f"{manifest_file}: malformed document entry ({exc})") from exc
+                raise BankError(f"{MANIFEST_NAME}: malformed document entry ({exc})") from exc
+            if not (isinstance(doc_id, str) and isinstance(sha, str) and isinstance(records, list)):
+                raise BankError(f"{MANIFEST_NAME}: malformed document entry {str(doc_id)[:80]!r}")
             if doc_id in seen_docs:
-                raise BankError(f"{manifest_file}: document {doc_id!r} listed twice")
+                raise BankError(f"{MANIFEST_NAME}: document {doc_id!r} listed twice")
             seen_docs.add(doc_id)
             doc_atoms = [AtomRecord.from_dict(r) for r in records]
             for atom in doc_atoms:
                 if atom.document_id != doc_id:
                     raise BankError(f"atom {atom.id!r} is listed under document {doc_id!r} "
                                     f"but names {atom.document_id!r}")
-            shard_path = _shard_path(path, shard_name)
-            shard_keys, shard_gates = _read_shard(shard_path, spec, len(doc_atoms), sha if verify else None)
-            shards.append(_Shard(doc_id, shard_path, sha, len(atoms), len(doc_atoms)))
+            try:
+                shard_path = _shard_path(path, shard_name)
+                relative = f"{SHARDS_DIR}/{shard_path.name}"
+                shard_keys, shard_gates, stat = _read_shard(shard_path, relative, spec, len(doc_atoms),
+                                                            sha if verify else None)
+            except BankError as exc:
+                if _stat_or_none(path / MANIFEST_NAME) != manifest_stat:  # e.g. `bank remove` dropped the shard
+                    raise BankError("changed on disk while it was loaded; reload it", kind="stale") from exc
+                raise
+            shards.append(_Shard(doc_id, shard_path, relative, sha, len(atoms), len(doc_atoms), stat))
             atoms.extend(doc_atoms)
             keys.append(shard_keys)
             gates.append(shard_gates)
         ids = [a.id for a in atoms]
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
-            raise BankError(f"{manifest_file}: atom id {dup!r} is not unique")
+            raise BankError(f"{MANIFEST_NAME}: atom id {dup!r} is not unique")
         return cls(
             path=path, spec=spec, atoms=atoms, shards=shards,
             keys=np.concatenate(keys) if keys else np.zeros((0, spec.key_dim), np.float32),
             gates=np.concatenate(gates) if gates else np.zeros((0, len(spec.targets)), np.float32),
-            manifest_sha256=hashlib.sha256(raw).hexdigest(),
+            manifest_sha256=hashlib.sha256(raw).hexdigest(), manifest_stat=manifest_stat, name=label,
         )
 
     def factors(self, indices: Sequence[int]) -> dict[Target, tuple[torch.Tensor, torch.Tensor]]:
-        """Micro-LoRA factors of the given atoms: target -> (A [k, r, in], B [k, out, r]), float32."""
+        """Micro-LoRA factors of the given atoms: target -> (A [k, r, in], B [k, out, r]), float32.
+
+        Every shard read is checked against the manifest's sha256 (see `_read_verified`): a shard that is
+        gone because the bank changed raises BankError kind "stale" (reload the bank and retry); a missing,
+        truncated or changed one, kind "invalid".
+        """
         import torch
-        from safetensors import safe_open
 
         if not indices:
             raise ValueError("no atoms selected")
@@ -288,20 +337,67 @@ class AtomBank:
             shard_no = self._shard_no(i)
             by_shard.setdefault(shard_no, []).append((pos, i - self._shards[shard_no].first_row))
         for shard_no, picks in by_shard.items():
-            with safe_open(str(self._shards[shard_no].path), framework="pt") as f:
-                for name in (f"{ab}.{t.key}" for t in self.spec.targets for ab in "AB"):
-                    column = rows.setdefault(name, [None] * len(indices))  # type: ignore[list-item]
-                    sliced = f.get_slice(name)
-                    for pos, row in picks:
-                        column[pos] = sliced[row : row + 1]
+            tensors = self._read_verified(self._shards[shard_no])
+            for name in (f"{ab}.{t.key}" for t in self.spec.targets for ab in "AB"):
+                column = rows.setdefault(name, [None] * len(indices))  # type: ignore[list-item]
+                for pos, row in picks:
+                    column[pos] = tensors[name][row : row + 1]
         return {t: (torch.cat(rows[f"A.{t.key}"]).float(), torch.cat(rows[f"B.{t.key}"]).float())
                 for t in self.spec.targets}
+
+    def check_files(self, shards: bool = True) -> None:
+        """Is the bank on disk still the one loaded? Stats the manifest and (with `shards`) every shard,
+        re-hashing only shards whose stat changed. Raises BankError kind "stale" when the manifest changed
+        (reload the bank), kind "invalid" when a shard is missing, unreadable or no longer matches."""
+        if self._manifest_changed():
+            raise BankError(f"bank {self.name!r} changed on disk; reload it", kind="stale")
+        for shard in self._shards if shards else ():
+            try:
+                unchanged = _stat_key(os.stat(shard.path)) == shard.stat
+            except FileNotFoundError:
+                raise self._missing(shard) from None
+            except OSError as exc:
+                raise self._unreadable(shard, exc) from exc
+            if not unchanged:
+                self._read_verified(shard)
+
+    def shard_label(self, index: int) -> str:
+        """Which file holds an atom's factors, for messages: "shard shards/<sha>.safetensors"."""
+        return f"shard {self._shards[self._shard_no(index)].name}"
+
+    def _read_verified(self, shard: _Shard) -> dict[str, torch.Tensor]:
+        """A shard's tensors, read whole and checked against the manifest's sha256 (about a millisecond
+        per MB): whatever happened to the file since loading, what is returned is what was compiled."""
+        try:
+            data, stat = _read_file(shard.path)
+        except FileNotFoundError:
+            raise self._missing(shard) from None
+        except OSError as exc:
+            raise self._unreadable(shard, exc) from exc
+        label = f"bank {self.name!r}: shard {shard.name}"
+        if hashlib.sha256(data).hexdigest() != shard.sha256:
+            raise BankError(f"{label} is corrupt: it changed on disk and its sha256 no longer matches the manifest")
+        shard.stat = stat  # the same content (perhaps rewritten: an identical add, a restore, a touch)
+        return _parse_shard(data, label)
+
+    def _missing(self, shard: _Shard) -> BankError:
+        if self._manifest_changed():  # e.g. `doc2atom bank remove` dropped it after swapping the manifest
+            return BankError(f"bank {self.name!r} changed on disk while in use (shard {shard.name} is gone); "
+                             "reload it", kind="stale")
+        return BankError(f"bank {self.name!r}: shard {shard.name} is missing")
+
+    def _unreadable(self, shard: _Shard, exc: OSError) -> BankError:
+        return BankError(f"bank {self.name!r}: shard {shard.name} cannot be read "
+                         f"({exc.strerror or type(exc).__name__})")
+
+    def _manifest_changed(self) -> bool:
+        stat = _stat_or_none(self.path / MANIFEST_NAME)
+        return stat is None or stat != self._manifest_stat
 
     def _shard_no(self, index: int) -> int:
         if not 0 <= index < len(self.atoms):
             raise IndexError(f"atom index {index} outside bank of {len(self.atoms)} atoms")
-        starts = [s.first_row for s in self._shards]
-        return bisect.bisect_right(starts, index) - 1
+        return bisect.bisect_right(self._starts, index) - 1
 
     def summary(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
@@ -324,10 +420,17 @@ class AtomBank:
 
     def query_projection(self) -> np.ndarray | None:
         """The trained query projection stored with the bank, if any."""
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         file = self.path / QUERY_PROJECTION
-        return load_file(str(file))["projection"] if file.is_file() else None
+        if not file.is_file():
+            return None
+        try:
+            return load_file(str(file))["projection"]
+        except (OSError, KeyError, SafetensorError) as exc:
+            raise BankError(f"bank {self.name!r}: {QUERY_PROJECTION} is unreadable "
+                            f"({type(exc).__name__})") from exc
 
     @classmethod
     def create(cls, path: str | os.PathLike, spec: BankSpec, documents: Iterable[DocumentAtoms],
@@ -391,7 +494,7 @@ class AtomBank:
         for shard in (self.path / SHARDS_DIR).glob("*.safetensors"):
             if shard.name not in live:
                 shard.unlink(missing_ok=True)
-        return AtomBank.load(self.path)
+        return AtomBank.load(self.path, name=self.name)
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -400,50 +503,90 @@ class AtomBank:
 def _shard_path(bank: Path, name: Any) -> Path:
     """Resolve a manifest shard name, refusing anything that leaves the bank's shards/ folder."""
     if not isinstance(name, str):
-        raise BankError(f"shard name must be a string, got {name!r}")
-    candidate = (bank / name).resolve()
-    if candidate.parent != (bank / SHARDS_DIR).resolve():
-        raise BankError(f"shard {name!r} points outside {bank / SHARDS_DIR}")
-    if not candidate.is_file():
-        raise BankError(f"{bank}: shard {name} is missing")
+        raise BankError(f"shard name must be a string, got {str(name)[:80]!r}")
+    shown = repr(name) if len(name) <= 80 else repr(name[:77] + "...")
+    try:
+        candidate = (bank / name).resolve()
+        inside = candidate.parent == (bank / SHARDS_DIR).resolve()
+        exists = inside and candidate.is_file()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a name too long, a NUL
+        raise BankError(f"shard {shown} cannot be resolved ({type(exc).__name__})") from exc
+    if not inside:
+        raise BankError(f"shard {shown} points outside {SHARDS_DIR}/")
+    if not exists:
+        raise BankError(f"shard {shown} is missing")
     return candidate
 
 
-def _read_shard(path: Path, spec: BankSpec, num_atoms: int, sha256: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """Check a shard's tensor set, shapes and values against the spec; return its keys and gates."""
-    from safetensors import SafetensorError, safe_open
-
-    if sha256 is not None and _file_sha256(path) != sha256:
-        raise BankError(f"shard {path.name} is corrupt: its sha256 does not match the manifest")
-    expected = spec.expected_shapes(num_atoms)
+def _read_shard(path: Path, relative: str, spec: BankSpec, num_atoms: int,
+                sha256: str | None) -> tuple[np.ndarray, np.ndarray, StatKey]:
+    """Check a shard's tensor set, shapes and values against the spec; return its keys, gates and the stat
+    of the file as read."""
+    label = f"shard {relative}"
     try:
-        with safe_open(str(path), framework="pt") as f:
-            names = set(f.keys())
-            if names != set(expected):
-                raise BankError(f"shard {path.name}: tensors {sorted(names ^ set(expected))} are "
-                                f"{'missing' if set(expected) - names else 'unexpected'}")
-            for name, shape in expected.items():
-                got = tuple(f.get_slice(name).get_shape())
-                if got != shape:
-                    if got[:1] != shape[:1]:
-                        raise BankError(f"shard {path.name}: {name} holds {got[0]} atoms but the manifest "
-                                        f"lists {num_atoms}")
-                    raise BankError(f"shard {path.name}: tensor {name} has shape {got}, expected {shape}")
-                if sha256 is not None or name in ("keys", "gates"):
-                    tensor = f.get_tensor(name)
-                    if not tensor.is_floating_point():
-                        raise BankError(f"shard {path.name}: tensor {name} is {tensor.dtype}, not floating point")
-                    if not bool(tensor.isfinite().all()):
-                        raise BankError(f"shard {path.name}: tensor {name} contains NaN or Inf")
-                    if name == "keys":
-                        keys = tensor.float().numpy()
-                    elif name == "gates":
-                        gates = tensor.float().numpy()
-    except SafetensorError as exc:
-        raise BankError(f"shard {path.name} is corrupt: {exc}") from exc
+        data, stat = _read_file(path)
+    except FileNotFoundError:
+        raise BankError(f"{label} is missing") from None
+    except OSError as exc:
+        raise BankError(f"{label} cannot be read ({exc.strerror or type(exc).__name__})") from exc
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise BankError(f"{label} is corrupt: its sha256 does not match the manifest")
+    keys, gates = _check_tensors(_parse_shard(data, label), label, spec, num_atoms, full=sha256 is not None)
     if gates.size and (gates.min() < 0 or gates.max() > 1):
-        raise BankError(f"shard {path.name}: gates must lie in [0, 1]")
-    return keys, gates
+        raise BankError(f"{label}: gates must lie in [0, 1]")
+    return keys, gates, stat
+
+
+def _read_file(path: Path) -> tuple[bytes, StatKey]:
+    """A file's bytes and the stat of exactly the file read. Read, never mmapped: a shard truncated under an
+    mmap (safetensors' safe_open) kills the whole server with SIGBUS; here it is a hash mismatch."""
+    with open(path, "rb") as f:
+        stat = _stat_key(os.fstat(f.fileno()))
+        return f.read(), stat
+
+
+def _parse_shard(data: bytes, label: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, TypeError) as exc:
+        raise BankError(f"{label} is corrupt: not a readable safetensors file ({str(exc)[:200]})") from exc
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], label: str, spec: BankSpec, num_atoms: int,
+                   full: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Tensor names and shapes as the spec says; keys and gates (and with `full`, every tensor) finite floats."""
+    expected = spec.expected_shapes(num_atoms)
+    if set(tensors) != set(expected):
+        raise BankError(f"{label}: tensors {sorted(set(tensors) ^ set(expected))[:8]} are "
+                        f"{'missing' if set(expected) - set(tensors) else 'unexpected'}")
+    for name, shape in expected.items():
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            if got[:1] != shape[:1]:
+                raise BankError(f"{label}: {name} holds {got[0] if got else 0} atoms but the manifest "
+                                f"lists {num_atoms}")
+            raise BankError(f"{label}: tensor {name} has shape {got}, expected {shape}")
+        if not tensors[name].is_floating_point():
+            raise BankError(f"{label}: tensor {name} is {tensors[name].dtype}, not floating point")
+    for name in expected if full else ("keys", "gates"):
+        if not bool(tensors[name].isfinite().all()):
+            raise BankError(f"{label}: tensor {name} contains NaN or Inf")
+    return tensors["keys"].float().numpy(), tensors["gates"].float().numpy()
+
+
+def _stat_or_none(path: Path) -> StatKey | None:
+    try:
+        return _stat_key(os.stat(path))
+    except OSError:
+        return None
+
+
+def _stat_key(st: os.stat_result) -> StatKey:
+    # ctime too: unlike mtime, no one can set it back, so an in-place rewrite cannot pass for unchanged.
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _write_shard(bank: Path, spec: BankSpec, doc: DocumentAtoms) -> dict[str, Any]:
@@ -459,6 +602,8 @@ def _write_shard(bank: Path, spec: BankSpec, doc: DocumentAtoms) -> dict[str, An
         tensor = doc.tensors[name]
         if tuple(tensor.shape) != shape:
             raise BankError(f"document {doc.document_id!r}: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+        if not tensor.is_floating_point():
+            raise BankError(f"document {doc.document_id!r}: {name} is {tensor.dtype}, not floating point")
         if not bool(torch.isfinite(tensor).all()):
             raise BankError(f"document {doc.document_id!r}: {name} contains NaN or Inf")
     for atom in doc.atoms:

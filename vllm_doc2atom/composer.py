@@ -27,17 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .bank import AtomBank
+from .errors import BankError
 from .fingerprint import module_path
 
 if TYPE_CHECKING:
     import torch
+
+    from .bank import AtomBank
+    from .bank_union import BankUnion
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_DECIMALS = 3
 COMPOSER_VERSION = 1  # bump when the composed tensors change for the same inputs
 PEFT_PREFIX = "base_model.model."
+FP16_MAX = 65504.0  # beyond this an fp16 engine overflows to inf (bf16 goes further, but no sane LoRA gets there)
 
 
 @dataclass
@@ -85,8 +89,13 @@ def stack_factors(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tupl
     return stacked_a, stacked_b
 
 
-def compose(bank: AtomBank, selection: Sequence[tuple[int, float]], max_rank: int | None = None) -> ComposedAdapter:
-    """Compose routed atoms (bank row, router weight) into one PEFT LoRA of rank Σ r_i ≤ max_rank."""
+def compose(bank: AtomBank | BankUnion, selection: Sequence[tuple[int, float]],
+            max_rank: int | None = None) -> ComposedAdapter:
+    """Compose routed atoms (bank row, router weight) into one PEFT LoRA of rank Σ r_i ≤ max_rank.
+
+    Raises BankError kind "invalid" rather than return an adapter with a value that is not finite or
+    overflows fp16: loaded into the engine, it would poison every request batched with it.
+    """
     import torch
 
     spec = bank.spec
@@ -108,6 +117,9 @@ def compose(bank: AtomBank, selection: Sequence[tuple[int, float]], max_rank: in
         stacked_a, stacked_b = stack_factors(a, b, weights * gates[:, t_no] * spec.lora_scaling)
         tensors[f"{prefix}.lora_A.weight"] = stacked_a.contiguous()
         tensors[f"{prefix}.lora_B.weight"] = stacked_b.contiguous()
+    if not all(_in_range(t) for t in tensors.values()):
+        raise BankError(f"bank {bank.name!r}: composed adapter is not finite or exceeds the fp16 range; "
+                        f"{_suspects(bank, rows, factors)} may be corrupt")
 
     name, int_id = adapter_identity(bank.fingerprint, used)
     config = {
@@ -127,6 +139,16 @@ def compose(bank: AtomBank, selection: Sequence[tuple[int, float]], max_rank: in
     }
     return ComposedAdapter(name=name, int_id=int_id, rank=rank, used=used, dropped=dropped,
                            tensors=tensors, config=config)
+
+
+def _in_range(t: torch.Tensor) -> bool:
+    return bool((t.abs() <= FP16_MAX).all())  # False for NaN and ±inf too
+
+
+def _suspects(bank: AtomBank | BankUnion, rows: list[int], factors: dict) -> str:
+    """The shards of the atoms whose own factors are out of range (all used shards if none is alone)."""
+    bad = [row for k, row in enumerate(rows) if not all(_in_range(x[k]) for ab in factors.values() for x in ab)]
+    return ", ".join(sorted({bank.shard_label(row) for row in bad or rows}))
 
 
 def save_peft_adapter(adapter: ComposedAdapter, root: str | os.PathLike) -> Path:

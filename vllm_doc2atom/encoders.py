@@ -95,9 +95,9 @@ def encoder_for(bank) -> QueryEncoder:
         if identity != MINILM_IDENTITY:
             projection = bank.query_projection()
             if projection is None:
-                raise BankError(f"bank {bank.path.name} is keyed by {identity!r} but has no query projection")
+                raise BankError(f"bank {bank.name!r} is keyed by {identity!r} but has no query projection")
             encoder = encoder.with_projection(projection)
             if encoder.identity != identity:
-                raise BankError(f"bank {bank.path.name}: its query projection does not match {identity!r}")
+                raise BankError(f"bank {bank.name!r}: its query projection does not match {identity!r}")
         _KNOWN_ENCODERS[identity] = encoder
     return _KNOWN_ENCODERS[identity]

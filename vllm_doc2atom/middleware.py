@@ -160,10 +160,7 @@ class Doc2AtomMiddleware:
         _metrics().route_seconds.observe(time.perf_counter() - start)
 
         def atom_provenance(routed: Any) -> dict[str, Any]:
-            entry = routed.provenance()
-            if several:
-                entry["atom_bank"] = bank.bank_name_of(routed.index)
-            return entry
+            return routed.provenance(bank.bank_name_of(routed.index) if several else None)
 
         provenance: dict[str, Any] = {"atom_bank": bank_names, "refused": result.refused,
                                       "atoms": [atom_provenance(r) for r in result.kept]}

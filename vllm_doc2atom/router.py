@@ -13,8 +13,8 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from .bank import AtomBank, AtomRecord
 from .encoders import QueryEncoder
 from .errors import BankError
 from .key_index import KeyIndex, KeyIndexConfig
+
+if TYPE_CHECKING:
+    from .bank_union import BankUnion
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,24 @@ class RouterHead:
             logit += self.confidence_scale * (atom.confidence - 1.0)
         return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit))))
 
+    @classmethod
+    def from_dict(cls, data: Any) -> RouterHead:
+        """A head from a bank manifest, every field checked, so a bad one fails when the bank loads, not
+        mid-routing. Missing fields take their defaults; unknown ones are refused (a corrupt manifest, or a
+        bank from a newer doc2atom)."""
+        if not isinstance(data, dict):
+            raise BankError(f"malformed router head: expected an object, got {type(data).__name__}")
+        unknown = sorted(str(k)[:40] for k in set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise BankError(f"malformed router head: unknown fields {unknown[:5]}")
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            problem = _HEAD_FIELDS[name](value)
+            if problem:
+                raise BankError(f"malformed router head: {name} must be {problem}, got {_short(value)}")
+            values[name] = _number(value) if name not in ("metadata", "max_atoms") else value
+        return cls(**values)
+
 
 @dataclass
 class RouterConfig:
@@ -81,10 +102,12 @@ class RoutedAtom:
     rerank_score: float | None
     weight: float  # router weight in [0, 1]
 
-    def provenance(self) -> dict[str, Any]:
-        """What a client needs to show the source of an answer."""
+    def provenance(self, bank: str | None = None) -> dict[str, Any]:
+        """What a client needs to show the source of an answer; `bank` names the atom's bank (for a
+        BankUnion: union.bank_name_of(self.index)), else the field is left out."""
         a = self.atom
-        return {"id": a.id, "document_id": a.document_id, "type": a.type, "span": list(a.span),
+        where = {} if bank is None else {"atom_bank": bank}
+        return {**where, "id": a.id, "document_id": a.document_id, "type": a.type, "span": list(a.span),
                 "weight": round(self.weight, 4), "similarity": round(self.similarity, 4)}
 
 
@@ -112,17 +135,17 @@ class Router:
         self.reranker = reranker
         self._indexes: OrderedDict[str, KeyIndex] = OrderedDict()  # bank fingerprint -> index (LRU)
 
-    def route(self, bank: AtomBank, query: str) -> RoutingResult:
+    def route(self, bank: AtomBank | BankUnion, query: str) -> RoutingResult:
         return self.route_batch(bank, [query])[0]
 
-    def route_batch(self, bank: AtomBank, queries: Sequence[str]) -> list[RoutingResult]:
+    def route_batch(self, bank: AtomBank | BankUnion, queries: Sequence[str]) -> list[RoutingResult]:
         self._check_key_space(bank)
         index = self.index_for(bank)
         vectors = self.encoder.encode(list(queries))
         sims, rows = index.search(vectors, self.config.top_k)
         return [self._decide(bank, q, s, r) for q, s, r in zip(queries, sims, rows)]
 
-    def index_for(self, bank: AtomBank) -> KeyIndex:
+    def index_for(self, bank: AtomBank | BankUnion) -> KeyIndex:
         index = self._indexes.get(bank.fingerprint)
         if index is None:
             index = KeyIndex(bank.keys, self.config.index)
@@ -132,14 +155,15 @@ class Router:
         self._indexes.move_to_end(bank.fingerprint)
         return index
 
-    def _check_key_space(self, bank: AtomBank) -> None:
+    def _check_key_space(self, bank: AtomBank | BankUnion) -> None:
         spec = bank.spec
         if spec.key_encoder != self.encoder.identity or spec.key_dim != self.encoder.dim:
             raise BankError(
-                f"bank {bank.path.name} is keyed by {spec.key_encoder!r} ({spec.key_dim}-d) but the router encodes "
+                f"bank {bank.name!r} is keyed by {spec.key_encoder!r} ({spec.key_dim}-d) but the router encodes "
                 f"questions with {self.encoder.identity!r} ({self.encoder.dim}-d)", kind="mismatch")
 
-    def _decide(self, bank: AtomBank, query: str, sims: np.ndarray, rows: np.ndarray) -> RoutingResult:
+    def _decide(self, bank: AtomBank | BankUnion, query: str, sims: np.ndarray,
+                rows: np.ndarray) -> RoutingResult:
         cfg = self.config
         hits = [(int(r), float(s)) for r, s in zip(rows, sims) if r >= 0]
         rerank: list[float | None] = [None] * len(hits)
@@ -170,11 +194,57 @@ class Router:
         return RoutingResult(query=query, kept=kept, candidates=candidates)
 
 
-def _head_of(bank: AtomBank) -> RouterHead:
-    try:
-        return RouterHead(**bank.spec.router_head)
-    except TypeError as err:  # unknown or missing fields: a corrupt manifest, or a bank from a newer doc2atom
-        raise BankError(f"bank {bank.path.name}: malformed router head in its manifest ({err})") from err
+def _head_of(bank: AtomBank | BankUnion) -> RouterHead:
+    return RouterHead.from_dict(bank.spec.router_head)  # BankSpec validated it when the bank loaded
+
+
+# ---- router head validation --------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(value: Any) -> Any:
+    """JSON gives 1 for 1.0: floats stay floats, the type_bias dict gets float values; None stays None."""
+    if isinstance(value, dict):
+        return {k: float(v) for k, v in value.items()}
+    return float(value) if _is_number(value) else value
+
+
+def _float_field(value: Any) -> str | None:
+    return None if _is_number(value) else "a finite number"
+
+
+def _type_bias(value: Any) -> str | None:
+    ok = isinstance(value, dict) and all(isinstance(k, str) and _is_number(v) for k, v in value.items())
+    return None if ok else "an object of finite numbers by atom type"
+
+
+def _bool_field(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "true or false"
+
+
+def _threshold(value: Any) -> str | None:
+    return None if value is None or (_is_number(value) and 0 <= value <= 1) else "a number in [0, 1] or null"
+
+
+def _max_atoms(value: Any) -> str | None:
+    ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+    return None if ok else "a positive integer or null"
+
+
+# field -> what is wrong with a value (None: nothing)
+_HEAD_FIELDS: dict[str, Callable[[Any], str | None]] = {
+    "sim_scale": _float_field, "sim_center": _float_field, "rerank_scale": _float_field,
+    "type_bias": _type_bias, "answer_bearing_bias": _float_field, "confidence_scale": _float_field,
+    "metadata": _bool_field, "threshold": _threshold, "max_atoms": _max_atoms,
+}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class RouterPool:
@@ -185,7 +255,7 @@ class RouterPool:
         self.config = config or RouterConfig()
         self._routers: dict[str, Router] = {}  # key-encoder identity -> router
 
-    def route(self, bank: AtomBank, query: str) -> RoutingResult:
+    def route(self, bank: AtomBank | BankUnion, query: str) -> RoutingResult:
         from .encoders import encoder_for
 
         identity = bank.spec.key_encoder
