@@ -528,3 +528,14 @@ def test_union_heads_must_match_but_thresholds_merge_to_the_lowest(tmp_path, tin
     with pytest.raises(BankError, match=r"router heads differ in \['sim_scale'\]") as err:
         BankUnion([banks["strict"], banks["other"]], ["strict", "other"])
     assert err.value.kind == "bad_request"
+
+
+def test_a_bank_being_swapped_for_a_new_one_is_never_missing(root, monkeypatch):
+    store = BankStore(root)
+    aside = root / ".docs.old-12345678"
+    os.rename(root / "docs", aside)  # the instant between the two renames of AtomBank.create(overwrite=True)
+    threading.Timer(0.05, os.rename, (aside, root / "docs")).start()
+    assert len(store.get("docs")) > 0
+    with pytest.raises(BankError) as err:
+        store.get("never-there")
+    assert err.value.kind == "not_found"

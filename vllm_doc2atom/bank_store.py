@@ -27,6 +27,7 @@ MAX_COMPONENT_BYTES = 255  # NAME_MAX of common filesystems
 MAX_UNION_BANKS = 16
 UNION_CACHE_SIZE = 16
 LOAD_ATTEMPTS = 3  # a bank being rewritten while it loads is loaded again
+SWAP_WAIT_SECONDS = 1.0  # how long a bank being swapped for a new one may be missing
 
 
 class BankStore:
@@ -83,7 +84,7 @@ class BankStore:
         """Load (or reuse) a bank. A changed manifest on disk triggers a reload; a changed shard is
         re-hashed, and a missing or corrupt one raises BankError kind "invalid" (for this bank only).
         `check_shards`: stat every shard now (True), never (False), or at most every `recheck_seconds`."""
-        path = self.resolve(name)
+        path = self._resolve_through_swaps(name)
         with self._lock:
             bank = self._cache.get(path)
             if bank is not None:
@@ -110,13 +111,29 @@ class BankStore:
             logger.info("doc2atom: loaded bank %s (%d atoms)", name, len(bank))
             return bank
 
+    def _resolve_through_swaps(self, name: Any) -> Path:
+        """resolve(), waiting out a bank being replaced: AtomBank.create(overwrite=True) renames the old
+        folder aside (".<name>.old-*") and then the new one in, so for an instant the name is missing."""
+        deadline = time.monotonic() + SWAP_WAIT_SECONDS
+        while True:
+            try:
+                return self.resolve(name)
+            except BankError as exc:
+                if exc.kind != "not_found" or time.monotonic() > deadline:
+                    raise
+                target = self.root / name
+                aside = f".{target.name}.old-"
+                if not target.parent.is_dir() or not any(p.name.startswith(aside) for p in target.parent.iterdir()):
+                    raise
+                time.sleep(0.01)
+
     def get_many(self, names: Any) -> BankUnion:
         """Several banks (1 to MAX_UNION_BANKS names, each resolved like get()) routed as one."""
         if not isinstance(names, list) or not 1 <= len(names) <= MAX_UNION_BANKS:
             raise BankError(f"name a list of 1 to {MAX_UNION_BANKS} atom banks", kind="bad_request")
         seen: dict[Path, str] = {}
         for name in names:
-            path = self.resolve(name)
+            path = self._resolve_through_swaps(name)
             if path in seen:
                 twice = f"{_shown(name)} is named twice" if seen[path] == name else \
                     f"{_shown(seen[path])} and {_shown(name)} are the same bank"

@@ -53,6 +53,9 @@ class RouterHead:
     metadata: bool = False  # the metadata terms were trained with the head
     threshold: float | None = None  # refusal threshold calibrated for this head (`doc2atom checkpoint calibrate`)
     max_atoms: int | None = None  # compose at most this many (the atoms were fitted in compositions this size)
+    # Drop atoms whose cosine is more than this below the best atom's: far below the top they are other
+    # topics (often other documents), and composing them only adds noise to the right atom's update.
+    max_gap: float | None = None
 
     def weight(self, similarity: float, atom: AtomRecord, rerank: float | None, stage2: bool) -> float:
         logit = self.sim_scale * (similarity - self.sim_center)
@@ -188,6 +191,9 @@ class Router:
                     continue  # a contradicting atom with a higher weight is already in
                 groups_taken.add(group)
             kept.append(c)
+        if head.max_gap is not None and kept:
+            best = max(c.similarity for c in kept)
+            kept = [c for c in kept if c.similarity >= best - head.max_gap]
         limits = [n for n in (cfg.max_atoms, head.max_atoms) if n is not None]
         if limits:
             kept = kept[: min(limits)]
@@ -229,6 +235,10 @@ def _threshold(value: Any) -> str | None:
     return None if value is None or (_is_number(value) and 0 <= value <= 1) else "a number in [0, 1] or null"
 
 
+def _max_gap(value: Any) -> str | None:
+    return None if value is None or (_is_number(value) and value >= 0) else "a non-negative number or null"
+
+
 def _max_atoms(value: Any) -> str | None:
     ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
     return None if ok else "a positive integer or null"
@@ -238,7 +248,7 @@ def _max_atoms(value: Any) -> str | None:
 _HEAD_FIELDS: dict[str, Callable[[Any], str | None]] = {
     "sim_scale": _float_field, "sim_center": _float_field, "rerank_scale": _float_field,
     "type_bias": _type_bias, "answer_bearing_bias": _float_field, "confidence_scale": _float_field,
-    "metadata": _bool_field, "threshold": _threshold, "max_atoms": _max_atoms,
+    "metadata": _bool_field, "threshold": _threshold, "max_atoms": _max_atoms, "max_gap": _max_gap,
 }
 
 
