@@ -143,3 +143,15 @@ def test_a_malformed_router_head_is_a_bank_error(tiny_model_dir):
     # Refused when the spec is built (and so when a manifest loads), never later mid-routing.
     with pytest.raises(BankError, match="malformed router head: unknown fields"):
         dataclasses.replace(make_spec(tiny_model_dir, key_dim=4), router_head={"sim_scale": 1.0, "bogus": 2})
+
+
+def test_max_gap_drops_atoms_far_below_the_best_match(docs_bank, encoder):
+    question = "How tall is the Amber Needle lighthouse?"
+    plain = Router(encoder).route(docs_bank, question)
+    gapped = Router(encoder, RouterConfig(head=RouterHead(max_gap=0.1))).route(docs_bank, question)
+    best = plain.kept[0].similarity
+    assert any(r.similarity < best - 0.1 for r in plain.kept)  # the question routes far-below-top atoms too
+    assert [r.index for r in gapped.kept] == [r.index for r in plain.kept if r.similarity >= best - 0.1]
+    assert RouterHead.from_dict({"max_gap": 0.2}).max_gap == 0.2
+    with pytest.raises(BankError, match="max_gap"):
+        RouterHead.from_dict({"max_gap": -1})
