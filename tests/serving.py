@@ -64,8 +64,11 @@ def bank_root(tmp_path_factory, tiny_model_dir, encoder) -> Path:
     shutil.copytree(root / "docs", outside / "bank")
     os.symlink(outside / "bank", root / "escape")
     os.symlink("loop", root / "loop")  # a symlink loop
-    # Banks the hostile tests damage while they are loaded, and ones that are wrong from the start.
-    for name in ("poison", "truncated", "deleted", ".hidden", "bad-head"):
+    # Banks the hostile tests damage while they are loaded (content of their own: adapters are shared by
+    # banks of identical content), and ones that are wrong from the start.
+    for seed, name in enumerate(("poison", "truncated", "deleted"), start=100):
+        build_untrained_bank(root / name, spec, documents, encoder, seed=seed, scale=0.3)
+    for name in (".hidden", "bad-head"):
         shutil.copytree(root / "docs", root / name)
     manifest = json.loads((root / "bad-head" / "manifest.json").read_text())
     manifest["spec"]["router_head"] = {"threshold": "abc"}

@@ -17,7 +17,7 @@ def test_bank_info_and_remove(bank, capsys):
 
 def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert main(["bank", "info", str(tmp_path / "missing")]) == 2
-    assert "no atom bank at" in capsys.readouterr().err
+    assert "no atom bank there" in capsys.readouterr().err
     assert main(["models", "prepare", "nope"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert main(["checkpoint", "calibrate", str(tmp_path), "--data", str(tmp_path / "no-data")]) == 2

@@ -53,7 +53,7 @@ def test_corrupt_shard_in_a_loaded_bank_is_422_and_never_reaches_the_engine(clie
     assert ask(client, model, QUESTION, bank="poison").parse().choices  # loaded, one adapter composed
     for shard in (bank_root / "poison" / "shards").iterdir():
         overwrite_factors(shard)  # NaN factors, same size, valid header
-    for question in IN_SCOPE:  # selections not composed yet: the factors must be read
+    for question in set(IN_SCOPE) - {QUESTION}:  # selections not composed yet: the factors must be read
         with pytest.raises(openai.UnprocessableEntityError, match="corrupt"):
             ask(client, model, question, bank="poison")
     assert not _banks(server)["poison"]["ok"]

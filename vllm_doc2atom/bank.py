@@ -246,7 +246,7 @@ class AtomBank:
     @classmethod
     def _load(cls, path: Path, expect_base: BaseModelFingerprint | None, verify: bool, label: str) -> AtomBank:
         if not path.is_dir():
-            raise BankError("not found: not a directory", kind="not_found")
+            raise BankError("no atom bank there (not a directory)", kind="not_found")
         if not (path / MANIFEST_NAME).is_file():
             raise BankError(f"not an atom bank: missing {MANIFEST_NAME}")
         try:

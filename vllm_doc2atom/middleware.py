@@ -128,10 +128,10 @@ class Doc2AtomMiddleware:
                      payload: dict[str, Any]) -> None:
         from .vllm_checks import vllm_rejection
 
-        bank_names = payload.pop("atom_bank", None)
-        evidence = payload.pop("atom_evidence", None)
-        if bank_names is None:
+        if "atom_bank" not in payload:
             raise RequestError("`atom_evidence` needs an `atom_bank`", param="atom_evidence")
+        bank_names = payload.pop("atom_bank")
+        evidence = payload.pop("atom_evidence", None)
         if evidence is not None and not isinstance(evidence, bool):
             raise RequestError("`atom_evidence` must be true or false", param="atom_evidence")
         rejection = await vllm_rejection(scope, kind, payload)
