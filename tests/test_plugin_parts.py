@@ -91,7 +91,7 @@ def test_evidence_goes_before_the_routed_question_without_touching_the_request()
     assert "- Ada wrote it.\n- In 1901." in parts[0]["text"] and parts[1]["text"] == "Who?"
     assert chat["messages"][1]["content"] == [{"type": "text", "text": "Who?"}]  # the original is untouched
     completion = with_evidence("completion", {"prompt": ["Who?"]}, ["Ada wrote it."])
-    assert completion["prompt"].startswith("Evidence") and completion["prompt"].endswith("Question: Who?")
+    assert completion["prompt"].startswith("Evidence") and completion["prompt"].endswith("it.\n\nWho?")
 
 
 def test_hostile_json_is_not_parsed():

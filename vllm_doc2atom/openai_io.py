@@ -67,14 +67,15 @@ def _last_user_message(payload: dict[str, Any]) -> dict[str, Any] | None:
 
 def with_evidence(kind: str, payload: dict[str, Any], evidence: list[str]) -> dict[str, Any]:
     """The request with the routed atoms' own text put before the question it routed."""
-    text = "Evidence from the documents:\n" + "\n".join(f"- {e}" for e in evidence) + "\n\nQuestion: "
+    text = "Evidence from the documents:\n" + "\n".join(f"- {e}" for e in evidence) + "\n\n"
+    if kind == "completion":  # a prompt to continue, not necessarily a question
+        prompt = payload["prompt"]
+        return {**payload, "prompt": text + (prompt[0] if isinstance(prompt, list) else prompt)}
+    text += "Question: "
     if kind == "responses":
         from .responses_io import responses_prepend
 
         return responses_prepend(payload, text)
-    if kind == "completion":
-        prompt = payload["prompt"]
-        return {**payload, "prompt": text + (prompt[0] if isinstance(prompt, list) else prompt)}
     messages = [dict(m) if isinstance(m, dict) else m for m in payload["messages"]]
     message = _last_user_message({"messages": messages})
     content = message["content"]
