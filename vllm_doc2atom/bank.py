@@ -14,9 +14,10 @@ removing a document writes or drops one shard and then atomically replaces the m
 the other documents' files are never touched. The stage-1 index is rebuilt from `keys` on load.
 Nothing is pickled: safetensors + JSON only.
 
-A loaded bank remembers each shard's stat (inode, size, mtime, ctime) and checks it whenever it reads
-factors, so a shard changed, truncated or deleted under a running server is a BankError, never NaN
-factors or a crash. Error messages name the bank by its `name` and files relative to the bank.
+Every read of a shard's factors checks its bytes against the manifest's sha256, so a shard changed,
+truncated or deleted under a running server is a BankError, never NaN factors or a crash; a loaded bank
+also remembers each shard's stat, so `check_files` can notice a change with one stat per shard. Error
+messages name the bank by its `name` and files relative to the bank.
 """
 
 from __future__ import annotations
@@ -369,16 +370,13 @@ class AtomBank:
         """A shard's tensors, read whole and checked against the manifest's sha256 (about a millisecond
         per MB): whatever happened to the file since loading, what is returned is what was compiled."""
         try:
-            data, stat = _read_file(shard.path)
+            tensors, shard.stat = _read_checked(shard.path, shard.sha256, f"bank {self.name!r}: shard {shard.name}",
+                                                "it changed on disk and its sha256 no longer matches the manifest")
         except FileNotFoundError:
             raise self._missing(shard) from None
         except OSError as exc:
             raise self._unreadable(shard, exc) from exc
-        label = f"bank {self.name!r}: shard {shard.name}"
-        if hashlib.sha256(data).hexdigest() != shard.sha256:
-            raise BankError(f"{label} is corrupt: it changed on disk and its sha256 no longer matches the manifest")
-        shard.stat = stat  # the same content (perhaps rewritten: an identical add, a restore, a touch)
-        return _parse_shard(data, label)
+        return tensors  # the same content (perhaps rewritten: an identical add, a restore, a touch)
 
     def _missing(self, shard: _Shard) -> BankError:
         if self._manifest_changed():  # e.g. `doc2atom bank remove` dropped it after swapping the manifest
@@ -524,33 +522,33 @@ def _read_shard(path: Path, relative: str, spec: BankSpec, num_atoms: int,
     of the file as read."""
     label = f"shard {relative}"
     try:
-        data, stat = _read_file(path)
+        tensors, stat = _read_checked(path, sha256, label)
     except FileNotFoundError:
         raise BankError(f"{label} is missing") from None
     except OSError as exc:
         raise BankError(f"{label} cannot be read ({exc.strerror or type(exc).__name__})") from exc
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise BankError(f"{label} is corrupt: its sha256 does not match the manifest")
-    keys, gates = _check_tensors(_parse_shard(data, label), label, spec, num_atoms, full=sha256 is not None)
+    keys, gates = _check_tensors(tensors, label, spec, num_atoms, full=sha256 is not None)
     if gates.size and (gates.min() < 0 or gates.max() > 1):
         raise BankError(f"{label}: gates must lie in [0, 1]")
     return keys, gates, stat
 
 
-def _read_file(path: Path) -> tuple[bytes, StatKey]:
-    """A file's bytes and the stat of exactly the file read. Read, never mmapped: a shard truncated under an
-    mmap (safetensors' safe_open) kills the whole server with SIGBUS; here it is a hash mismatch."""
-    with open(path, "rb") as f:
-        stat = _stat_key(os.fstat(f.fileno()))
-        return f.read(), stat
+def _read_checked(path: Path, sha256: str | None, label: str,
+                  mismatch: str = "its sha256 does not match the manifest") -> tuple[dict[str, torch.Tensor], StatKey]:
+    """A shard's tensors (its bytes checked against `sha256` unless None) and the stat of exactly the file read.
 
-
-def _parse_shard(data: bytes, label: str) -> dict[str, torch.Tensor]:
+    Read whole, never mmapped: a shard truncated under an mmap (safetensors' safe_open) kills the whole server
+    with SIGBUS; here it is a hash mismatch. OSError (a missing or unreadable file) is left to the caller."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    with open(path, "rb") as f:
+        stat = _stat_key(os.fstat(f.fileno()))
+        data = f.read()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise BankError(f"{label} is corrupt: {mismatch}")
     try:
-        return load(data)
+        return load(data), stat
     except (SafetensorError, ValueError, TypeError) as exc:
         raise BankError(f"{label} is corrupt: not a readable safetensors file ({str(exc)[:200]})") from exc
 

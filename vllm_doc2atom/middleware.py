@@ -134,6 +134,8 @@ class Doc2AtomMiddleware:
         evidence = payload.pop("atom_evidence", None)
         if evidence is not None and not isinstance(evidence, bool):
             raise RequestError("`atom_evidence` must be true or false", param="atom_evidence")
+        # Every request, routed or not: a routed one has its `model` rewritten to the adapter, so vLLM would
+        # never check the client's; and nothing is composed or registered for a request vLLM would refuse.
         rejection = await vllm_rejection(scope, kind, payload)
         if rejection is not None:
             return await rejection(scope, receive, send)
