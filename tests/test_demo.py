@@ -38,5 +38,8 @@ def test_demo_answers_from_the_bank_with_sources_refuses_off_topic_and_cleans_up
     # In-scope questions are answered with an adapter composed from atoms of the right document.
     composed = re.findall(r"composed (\d+) atoms into a rank-(\d+) LoRA", out)
     assert len(composed) == sum(expected is not None for _, expected in QUESTIONS)
+    # ... and again with the routed atoms' text (atom_evidence), each with a verdict, then a summary
+    assert len(re.findall(r"atom_evidence='only': (?:right|wrong)\)", out)) == len(composed)
+    assert re.search(r"facts right: \d of 4 from the adapter alone, \d of 4 with atom_evidence='only'", out)
     assert "- w=" in out and "server stopped" in out
     assert set(Path(tempfile.gettempdir()).glob("doc2atom-demo-*")) == before  # nothing left behind

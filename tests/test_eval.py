@@ -123,14 +123,16 @@ def test_recipes_carry_the_compile_settings_of_each_method():
     from training.evaluate.harness import EvalConfig, recipes_for
 
     config = EvalConfig(data=[], checkpoint="ckpt", methods=["icl", "doc2atom", "doc2atom_optimize", "d2l_atom",
-                                                             "doc2atom_study", "d2l_study", "doc2atom_evidence"],
+                                                             "doc2atom_study", "d2l_study", "doc2atom_evidence",
+                                                             "doc2atom_text"],
                         refine_steps=3, refine_lr=0.01)
     recipes, skipped = recipes_for(config, Path("models/base"))
     assert skipped == {"d2l_atom": "no checkpoint given"}
-    assert set(recipes) == {"doc2atom", "doc2atom_optimize", "doc2atom_study", "d2l_study", "doc2atom_evidence"}
+    assert set(recipes) == {"doc2atom", "doc2atom_optimize", "doc2atom_study", "d2l_study", "doc2atom_evidence",
+                            "doc2atom_text"}
     study, monolithic = recipes["doc2atom_study"], recipes["d2l_study"]  # self-study needs no checkpoint
     assert (study.mode, study.checkpoint, study.model, study.monolithic) == ("study", None, "models/base", False)
-    assert recipes["doc2atom_evidence"] == study  # the same banks, served with the atoms' text too
+    assert recipes["doc2atom_evidence"] == recipes["doc2atom_text"] == study  # same banks, served with the text
     assert monolithic.monolithic and monolithic.mode == "study"
     optimize = recipes["doc2atom_optimize"]
     assert (optimize.mode, optimize.refine_steps, optimize.refine_lr) == ("optimize", 3, 0.01)

@@ -56,6 +56,11 @@ def test_settings_from_args(monkeypatch):
     assert settings.bank_root == Path("~/banks").expanduser() and settings.threshold == 0.7
     assert settings.api_keys == ("k1",) and settings.shared_engine and settings.max_lora_rank == 64
     assert settings.adapter_dir.name == str(os.getpid())
+    assert settings.evidence == "off"
+    for argv, mode in ((["--doc2atom-evidence"], "with-adapter"), (["--doc2atom-evidence", "only"], "only")):
+        assert ServeSettings.from_args(_parse(["--plugin", "doc2atom", *argv])).evidence == mode
+    with pytest.raises(SystemExit):
+        _parse(["--plugin", "doc2atom", "--doc2atom-evidence", "sometimes"])
 
 
 def test_bank_names_are_confined_to_the_root(tmp_path_factory, bank):
@@ -88,10 +93,10 @@ def test_evidence_goes_before_the_routed_question_without_touching_the_request()
                                                                                        "text": "Who?"}]}]}
     rewritten = with_evidence("chat", chat, ["Ada wrote it.", "In 1901."])
     parts = rewritten["messages"][1]["content"]
-    assert "- Ada wrote it.\n- In 1901." in parts[0]["text"] and parts[1]["text"] == "Who?"
+    assert parts[0]["text"] == "Document:\nAda wrote it.\nIn 1901.\n\nQuestion: " and parts[1]["text"] == "Who?"
     assert chat["messages"][1]["content"] == [{"type": "text", "text": "Who?"}]  # the original is untouched
     completion = with_evidence("completion", {"prompt": ["Who?"]}, ["Ada wrote it."])
-    assert completion["prompt"].startswith("Evidence") and completion["prompt"].endswith("it.\n\nWho?")
+    assert completion["prompt"].startswith("Document:\nAda") and completion["prompt"].endswith("it.\n\nWho?")
 
 
 def test_hostile_json_is_not_parsed():

@@ -233,7 +233,12 @@ def test_several_banks_route_over_the_union_of_their_atoms(client, model):
 def test_evidence_puts_the_routed_atoms_text_before_the_question(client, model):
     plain = ask(client, model, QUESTION).parse()
     with_text = ask(client, model, QUESTION, extra={"atom_evidence": True}).parse()
-    assert with_text.model_extra["doc2atom"]["evidence"]
+    assert with_text.model_extra["doc2atom"]["evidence"] and "adapter" in with_text.model_extra["doc2atom"]
     assert with_text.usage.prompt_tokens > plain.usage.prompt_tokens + 5
-    with pytest.raises(openai.BadRequestError, match="atom_evidence"):
-        ask(client, model, QUESTION, extra={"atom_evidence": "yes"})
+    only = ask(client, model, QUESTION, extra={"atom_evidence": "only"}).parse()
+    provenance = only.model_extra["doc2atom"]
+    assert provenance["evidence"] == "only" and provenance["atoms"] and "adapter" not in provenance
+    assert only.model == model and only.usage.prompt_tokens == with_text.usage.prompt_tokens  # base model, no LoRA
+    for bad in ("yes", 1, ["only"]):
+        with pytest.raises(openai.BadRequestError, match="atom_evidence"):
+            ask(client, model, QUESTION, extra={"atom_evidence": bad})

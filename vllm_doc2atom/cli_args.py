@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .settings import DEFAULT_REFUSAL, default_adapter_dir
+from .settings import DEFAULT_REFUSAL, EVIDENCE_MODES, default_adapter_dir
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--doc2atom-on-refusal", choices=["refuse", "base"], default="refuse",
                        help="When no atom covers a question: answer the refusal message without a model call "
                             "(refuse), or let the base model answer (base).")
-    group.add_argument("--doc2atom-evidence", action="store_true",
-                       help="Also put the routed atoms' own text before the question (a few dozen tokens of "
-                            "evidence besides the composed adapter); a request's `atom_evidence` overrides it.")
+    group.add_argument("--doc2atom-evidence", nargs="?", const="with-adapter", default="off",
+                       choices=EVIDENCE_MODES,
+                       help="Put the routed atoms' own text before the question (a few dozen tokens): "
+                            "'with-adapter' (the flag alone) besides the composed adapter, 'only' instead of it "
+                            "(no adapter), 'off' (default: the adapter alone). A request's `atom_evidence` "
+                            "(false / true / \"only\") overrides it.")
     group.add_argument("--doc2atom-refusal-message", default=DEFAULT_REFUSAL, help="The refusal answer.")
     group.add_argument("--doc2atom-adapter-dir", default=default_adapter_dir(),
                        help="Where composed adapters are written for the engine to load (tmpfs if available).")

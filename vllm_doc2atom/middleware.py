@@ -36,6 +36,7 @@ from .openai_io import (
     refusal_events,
     with_evidence,
 )
+from .settings import REQUEST_EVIDENCE
 
 logger = logging.getLogger(__name__)
 
@@ -132,15 +133,15 @@ class Doc2AtomMiddleware:
             raise RequestError("`atom_evidence` needs an `atom_bank`", param="atom_evidence")
         bank_names = payload.pop("atom_bank")
         evidence = payload.pop("atom_evidence", None)
-        if evidence is not None and not isinstance(evidence, bool):
-            raise RequestError("`atom_evidence` must be true or false", param="atom_evidence")
+        if evidence is not None and (not isinstance(evidence, (bool, str)) or evidence not in REQUEST_EVIDENCE):
+            raise RequestError('`atom_evidence` must be true, false or "only"', param="atom_evidence")
         # Every request, routed or not: a routed one has its `model` rewritten to the adapter, so vLLM would
         # never check the client's; and nothing is composed or registered for a request vLLM would refuse.
         rejection = await vllm_rejection(scope, kind, payload)
         if rejection is not None:
             return await rejection(scope, receive, send)
         question = extract_question(kind, payload)[:MAX_ROUTED_CHARS]
-        use_evidence = rt.settings.evidence if evidence is None else evidence
+        use_evidence = rt.settings.evidence if evidence is None else REQUEST_EVIDENCE[evidence]
         for attempt in range(2):
             try:
                 return await self._answer(rt, scope, receive, send, kind, payload, bank_names, question,
@@ -151,7 +152,7 @@ class Doc2AtomMiddleware:
                 logger.info("doc2atom: bank changed while answering, routing again: %s", exc)
 
     async def _answer(self, rt: _Runtime, scope: Scope, receive: Receive, send: Send, kind: str,
-                      payload: dict[str, Any], bank_names: Any, question: str, use_evidence: bool) -> None:
+                      payload: dict[str, Any], bank_names: Any, question: str, use_evidence: str) -> None:
         from .adapter_registry import AdapterRejected
         from .composer import adapter_identity, compose, fit_rank_budget
 
@@ -171,6 +172,12 @@ class Doc2AtomMiddleware:
             logger.info("doc2atom bank=%s atoms=0 refused=True mode=%s", bank_names, rt.settings.on_refusal)
             if rt.settings.on_refusal == "refuse":
                 return await _send_refusal(send, kind, payload, rt.settings.refusal_message, provenance)
+            return await self._forward(scope, receive, send, payload, provenance)
+        if use_evidence == "only":  # the base model reads the routed atoms: nothing composed
+            _metrics().requests.labels("routed").inc()
+            logger.info("doc2atom bank=%s atoms=%d refused=False evidence=only", bank_names, len(result.kept))
+            provenance["evidence"] = "only"
+            payload = with_evidence(kind, payload, [r.atom.text for r in result.kept])
             return await self._forward(scope, receive, send, payload, provenance)
 
         used, dropped = fit_rank_budget(result.selection, bank.spec.micro_rank, rt.settings.max_lora_rank)
@@ -199,7 +206,7 @@ class Doc2AtomMiddleware:
         logger.info("doc2atom bank=%s atoms=%d refused=False compose_ms=%.1f cache_hit=%s adapter=%s",
                     bank_names, len(used), compose_ms, hit, name)
         payload["model"] = lora.lora_name
-        if use_evidence:
+        if use_evidence == "with-adapter":
             payload = with_evidence(kind, payload, [r.atom.text for r in kept])
             provenance["evidence"] = True
         try:

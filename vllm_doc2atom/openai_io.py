@@ -66,8 +66,10 @@ def _last_user_message(payload: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def with_evidence(kind: str, payload: dict[str, Any], evidence: list[str]) -> dict[str, Any]:
-    """The request with the routed atoms' own text put before the question it routed."""
-    text = "Evidence from the documents:\n" + "\n".join(f"- {e}" for e in evidence) + "\n\n"
+    """The request with the routed atoms' own text put before the question it routed, in the layout the base
+    model reads whole documents in during self-study and in the evaluation's ICL prompt ("Document: <text>
+    Question: <question>"): chosen over a bulleted "Evidence:" list on validation documents."""
+    text = "Document:\n" + "\n".join(e.strip() for e in evidence) + "\n\n"
     if kind == "completion":  # a prompt to continue, not necessarily a question
         prompt = payload["prompt"]
         return {**payload, "prompt": text + (prompt[0] if isinstance(prompt, list) else prompt)}

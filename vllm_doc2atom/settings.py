@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_REFUSAL = "I can't answer that from the documents in this atom bank."
+EVIDENCE_MODES = ("off", "with-adapter", "only")
+# a request's `atom_evidence` -> the mode
+REQUEST_EVIDENCE = {False: "off", True: "with-adapter", "only": "only"}
 
 
 def default_adapter_dir() -> str:
@@ -30,7 +33,9 @@ class ServeSettings:
     max_lora_rank: int = 64
     api_keys: tuple[str, ...] = ()
     shared_engine: bool = False  # several API server processes share one engine
-    evidence: bool = False  # also put the routed atoms' text before the question (per request: atom_evidence)
+    # the routed atoms' text before the question (per request: atom_evidence): "off", "with-adapter" (text and
+    # composed adapter) or "only" (text, no adapter: the base model reads the atoms)
+    evidence: str = "off"
 
     @classmethod
     def from_args(cls, args: Namespace) -> ServeSettings:
@@ -47,5 +52,5 @@ class ServeSettings:
             max_lora_rank=int(getattr(args, "max_lora_rank", None) or 16),
             api_keys=tuple(keys),
             shared_engine=(getattr(args, "api_server_count", None) or 1) > 1,
-            evidence=bool(getattr(args, "doc2atom_evidence", False)),
+            evidence=getattr(args, "doc2atom_evidence", None) or "off",
         )

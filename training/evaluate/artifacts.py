@@ -17,15 +17,17 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ROUTED = ("doc2atom", "doc2atom_optimize", "doc2atom_study", "doc2atom_evidence")
+ROUTED = ("doc2atom", "doc2atom_optimize", "doc2atom_study", "doc2atom_evidence", "doc2atom_text")
 MONOLITHIC = ("d2l_raw", "d2l_atom", "d2l_study")
 NO_ARTIFACT = ("base", "icl")
 METHODS = ("base", "icl", "d2l_raw", "d2l_atom", "d2l_study", "doc2atom", "doc2atom_optimize", "doc2atom_study",
-           "doc2atom_evidence")
-STUDY_METHODS = ("doc2atom_study", "d2l_study", "doc2atom_evidence")  # no checkpoint: self-study with the base model
-# Served with `atom_evidence`: the routed atoms' text before the question too (its banks are doc2atom_study's,
-# compiled again under its own name: the self-study cache makes that free).
-EVIDENCE = ("doc2atom_evidence",)
+           "doc2atom_evidence", "doc2atom_text")
+# no checkpoint: self-study with the base model
+STUDY_METHODS = ("doc2atom_study", "d2l_study", "doc2atom_evidence", "doc2atom_text")
+# Served with `atom_evidence` (its value here): the routed atoms' text before the question, besides the composed
+# adapter (true) or instead of it ("only"). Their banks are doc2atom_study's, compiled again under their own
+# names: the self-study cache makes that free.
+EVIDENCE = {"doc2atom_evidence": True, "doc2atom_text": "only"}
 
 
 @dataclass(frozen=True)

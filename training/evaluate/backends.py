@@ -28,9 +28,12 @@ class Reply:
 
 
 def messages_for(method: str, document: str, question: str) -> list[dict[str, str]]:
-    """ICL reads the document exactly as the teacher did; every other method sees the question alone."""
+    """ICL reads the document exactly as the teacher did; every other method sees the question alone. The
+    evidence methods get ICL's instruction too: the server puts the routed atoms' text where ICL's document is."""
     if method == "icl":
         return teacher_messages(document, question)
+    if method in EVIDENCE:
+        return [teacher_messages(document, question)[0], {"role": "user", "content": question}]
     return [{"role": "user", "content": question}]
 
 
@@ -73,7 +76,7 @@ class ServedBackend:
     def answer(self, method: str, document_id: str, document: str, question: str) -> Reply:
         model, extra = self.base_model, {}
         if method in ROUTED:
-            extra = {"atom_bank": artifact_name(method, document_id), "atom_evidence": method in EVIDENCE}
+            extra = {"atom_bank": artifact_name(method, document_id), "atom_evidence": EVIDENCE.get(method, False)}
         elif method in MONOLITHIC:
             model = lora_name(method, document_id)
         start = time.perf_counter()
@@ -124,11 +127,13 @@ class TransformersBackend:
                 from vllm_doc2atom.settings import DEFAULT_REFUSAL
 
                 return Reply(DEFAULT_REFUSAL, True, time.perf_counter() - start)
-            composed = compose(bank, result.selection, self.max_lora_rank)
-            adapter, atoms = save_peft_adapter(composed, self.scratch), len(composed.used)
-            if method in EVIDENCE:
+            if EVIDENCE.get(method) == "only":  # the base model reads the routed atoms: no adapter
+                atoms, evidence = len(result.kept), [r.atom.text for r in result.kept]
+            else:
+                composed = compose(bank, result.selection, self.max_lora_rank)
+                adapter, atoms = save_peft_adapter(composed, self.scratch), len(composed.used)
                 used = {row for row, _ in composed.used}
-                evidence = [r.atom.text for r in result.kept if r.index in used]
+                evidence = [r.atom.text for r in result.kept if r.index in used] if method in EVIDENCE else []
         elif method in MONOLITHIC:
             adapter = self.work_dir / "adapters" / method / lora_name(method, document_id)
         messages = messages_for(method, document, question)
