@@ -7,13 +7,14 @@ bank root, and starts `vllm serve MODEL --plugin doc2atom --doc2atom-adapter-cac
 short context). Then --concurrency clients send a seeded random mix of requests, through the `openai` SDK
 (AsyncOpenAI) or raw httpx:
   valid     chat / completions (streamed or not, n=1 or 2), in-scope questions (routed) and off-topic ones
-            (refused); a list of two compatible banks; the Responses API (streamed or not); atom_evidence;
-            streams the client cancels after the first chunk; duplicate Authorization headers, right key first
+            (refused); a list of two compatible banks; the Responses API (streamed or not); atom_evidence
+            (true and "only"); streams the client cancels after the first chunk; duplicate Authorization
+            headers, right key first
   mutable   requests on banks that a background task changes during the run: swapped for a freshly built
             bank (atomic), documents removed and added back, shards corrupted in place (NaN bytes,
             truncated, deleted)
   invalid   unknown bank, "../etc", a NUL in the name, a 300-character name, banks that cannot be routed
-            together, atom_evidence not a boolean, n="abc", max_tokens=-5, malformed and deeply nested JSON,
+            together, atom_evidence "yes", n="abc", max_tokens=-5, malformed and deeply nested JSON,
             a wrong API key, duplicate Authorization headers (wrong key first), atom_bank sent to
             /v1/chat/completions/batch and /invocations
 
@@ -314,6 +315,8 @@ class Mix:
             "responses_stream": lambda: self.sdk("responses", self.healthy(), stream=True),
             "evidence": lambda: self.sdk(self.endpoint(), self.healthy(), stream=self.rng.random() < 0.3,
                                          extra={"atom_evidence": True}),
+            "evidence_only": lambda: self.sdk(self.endpoint(), self.healthy(), stream=self.rng.random() < 0.3,
+                                              extra={"atom_evidence": "only"}),
             "cancelled_stream": lambda: self.sdk(self.endpoint(), self.healthy(), stream=True, cancel=True),
             "dup_auth_right_first": lambda: self.raw_chat(self.healthy(), [API_KEY, "wrong"]),
         }
@@ -581,9 +584,11 @@ def judge(plan: Plan, reply: Reply) -> list[str]:
         problems.append("empty text")
     if provenance is not None and plan.check == "full":
         check_scope(plan, provenance, texts, problems)
-    if provenance is not None and plan.extra.get("atom_evidence") is True and not provenance.get("refused"):
-        if provenance.get("evidence") is not True:
-            problems.append("atom_evidence asked, provenance has no `evidence: true`")
+    asked = plan.extra.get("atom_evidence")
+    if provenance is not None and asked in (True, "only") and not provenance.get("refused"):
+        if provenance.get("evidence") != asked or (asked == "only") == ("adapter" in provenance):
+            problems.append(f"atom_evidence={asked!r} asked, provenance says evidence={provenance.get('evidence')!r}, "
+                            f"adapter={provenance.get('adapter')!r}")
     return problems
 
 
