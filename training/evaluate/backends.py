@@ -132,8 +132,9 @@ class TransformersBackend:
             else:
                 composed = compose(bank, result.selection, self.max_lora_rank)
                 adapter, atoms = save_peft_adapter(composed, self.scratch), len(composed.used)
-                used = {row for row, _ in composed.used}
-                evidence = [r.atom.text for r in result.kept if r.index in used] if method in EVIDENCE else []
+                if method in EVIDENCE:
+                    used = {row for row, _ in composed.used}
+                    evidence = [r.atom.text for r in result.kept if r.index in used]
         elif method in MONOLITHIC:
             adapter = self.work_dir / "adapters" / method / lora_name(method, document_id)
         messages = messages_for(method, document, question)
