@@ -30,6 +30,54 @@ from training.models import DEFAULT_MODEL, PACKAGED_MODELS, prepare_model  # noq
 SETTINGS = ("gold alone", "gold + 1", "gold + 3", "routed")
 
 
+def measure(data: str, split: str, limit: int, model_dir: Path, config: StudyConfig, work: Path) -> dict:
+    """Compile one bank per document with `config`, then answer every answerable question in each setting."""
+    from vllm_doc2atom.composer import compose, save_peft_adapter
+
+    _, documents, items = load_items(data, split, limit, 0)
+    gold = {q["id"]: q["labels"]["gold"] for q in map(json.loads, open(Path(data) / "questions.jsonl"))}
+    compiler = StudyCompiler(model_dir, config)
+    start, atoms = time.perf_counter(), 0
+    for doc_id, text in documents.items():
+        compiled = compiler(doc_id, text)
+        atoms += len(compiled.atoms)
+        compiler.create_bank(work / "banks" / artifact_name("doc2atom_study", doc_id), [compiled], overwrite=True)
+    compile_seconds = time.perf_counter() - start
+    factor_bytes = sum(f.stat().st_size for f in (work / "banks").rglob("*.safetensors"))
+
+    rng = random.Random(0)
+    hits: dict[str, list[bool]] = {s: [] for s in SETTINGS}
+    with TransformersBackend(model_dir, work, 32, 64, 8, None) as backend:
+        for item in (i for i in items if i.kind == "answerable"):
+            bank = backend.banks.get(artifact_name("doc2atom_study", item.document_id))
+            rows = [r for r, a in enumerate(bank.atoms) if a.id in gold[item.question_id]]
+            if not rows:
+                continue  # the answer spans atoms the rule atomizer cut differently
+            others = [r for r in range(len(bank)) if r not in rows]
+            selections = {"gold alone": rows, "gold + 1": rows + rng.sample(others, min(1, len(others))),
+                          "gold + 3": rows + rng.sample(others, min(3, len(others)))}
+            for setting, selection in selections.items():
+                adapter = save_peft_adapter(compose(bank, [(r, 1.0) for r in selection]), backend.scratch)
+                text, _ = backend._generate([{"role": "user", "content": item.question}], adapter)
+                hits[setting].append(bool(best_over(contains, text, item.answers)))
+            reply = backend.answer("doc2atom_study", item.document_id, documents[item.document_id], item.question)
+            hits["routed"].append(not reply.flagged_refusal and bool(best_over(contains, reply.text, item.answers)))
+
+    return {"data": Path(data).name, "split": split, "documents": len(documents), "atoms": atoms,
+            "modules": ",".join(config.modules), "layers": config.last_layers, "rank": config.rank,
+            "steps": config.fit.steps, "questions": len(hits["routed"]),
+            "compile_seconds_per_atom": round(compile_seconds / max(atoms, 1), 2),
+            "bytes_per_atom": round(factor_bytes / max(atoms, 1)),
+            "contains_percent": {s: round(100 * sum(h) / max(len(h), 1), 1) for s, h in hits.items()},
+            "study": compiler.stats()}
+
+
+def config_from(modules: str, layers: int, rank: int, steps: int) -> StudyConfig:
+    defaults = StudyConfig()
+    return StudyConfig(modules=tuple(modules.split(",")), last_layers=layers, rank=rank,
+                       fit=replace(defaults.fit, steps=steps))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a folder from `doc2atom data build` (gold atoms labelled)")
@@ -45,51 +93,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=defaults.fit.steps)
     args = parser.parse_args()
 
-    from vllm_doc2atom.composer import compose, save_peft_adapter
-
     model_dir = prepare_model(args.model) if args.model in PACKAGED_MODELS else Path(args.model)
-    _, documents, items = load_items(args.data, args.split, args.limit, 0)
-    gold = {q["id"]: q["labels"]["gold"] for q in map(json.loads, open(Path(args.data) / "questions.jsonl"))}
-    work = Path(args.work)
-    config = StudyConfig(modules=tuple(args.modules.split(",")), last_layers=args.layers, rank=args.rank,
-                         fit=replace(defaults.fit, steps=args.steps))
-    compiler = StudyCompiler(model_dir, config)
-    start, atoms = time.perf_counter(), 0
-    for doc_id, text in documents.items():
-        compiled = compiler(doc_id, text)
-        atoms += len(compiled.atoms)
-        compiler.create_bank(work / "banks" / artifact_name("doc2atom_study", doc_id), [compiled], overwrite=True)
-    compile_seconds = time.perf_counter() - start
-
-    backend = TransformersBackend(model_dir, work, 32, 64, 8, None)
-    rng = random.Random(0)
-    hits: dict[str, list[bool]] = {s: [] for s in SETTINGS}
-    for item in (i for i in items if i.kind == "answerable"):
-        bank = backend.banks.get(artifact_name("doc2atom_study", item.document_id))
-        rows = [r for r, a in enumerate(bank.atoms) if a.id in gold[item.question_id]]
-        if not rows:
-            continue  # the answer spans atoms the rule atomizer cut differently
-        others = [r for r in range(len(bank)) if r not in rows]
-        selections = {"gold alone": rows, "gold + 1": rows + rng.sample(others, min(1, len(others))),
-                      "gold + 3": rows + rng.sample(others, min(3, len(others)))}
-        for setting, selection in selections.items():
-            adapter = save_peft_adapter(compose(bank, [(r, 1.0) for r in selection]), backend.scratch)
-            reply = backend._generate([{"role": "user", "content": item.question}], adapter)
-            hits[setting].append(bool(best_over(contains, reply, item.answers)))
-        reply = backend.answer("doc2atom_study", item.document_id, documents[item.document_id], item.question)
-        hits["routed"].append(not reply.flagged_refusal and bool(best_over(contains, reply.text, item.answers)))
-    backend.__exit__(None, None, None)
-
-    result = {"data": Path(args.data).name, "split": args.split, "documents": len(documents), "atoms": atoms,
-              "modules": args.modules, "layers": args.layers, "rank": args.rank, "steps": args.steps,
-              "questions": len(hits["routed"]), "compile_seconds_per_atom": round(compile_seconds / atoms, 2),
-              "contains_percent": {s: round(100 * sum(h) / max(len(h), 1), 1) for s, h in hits.items()},
-              "study": compiler.stats()}
+    config = config_from(args.modules, args.layers, args.rank, args.steps)
+    result = measure(args.data, args.split, args.limit, model_dir, config, Path(args.work))
     print("| setting | gold answer in reply |\n|---|---|")
     for setting, value in result["contains_percent"].items():
         print(f"| {setting} | {value} % |")
-    print(f"{result['questions']} questions, {len(documents)} documents, {atoms} atoms, "
-          f"{result['compile_seconds_per_atom']} s per atom")
+    print(f"{result['questions']} questions, {result['documents']} documents, {result['atoms']} atoms, "
+          f"{result['compile_seconds_per_atom']} s per atom, {result['bytes_per_atom']} bytes per atom")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

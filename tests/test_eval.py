@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from training.data.build import BuildConfig, build_dataset
+from training.evaluate.harness import summarize
 from training.evaluate.scoring import (
     best_over,
     contains,
@@ -42,6 +43,19 @@ def test_refusals_are_recognised_and_scored_as_the_positive_class():
     assert (scores.precision, scores.recall, scores.f1) == (0.5, 0.5, 0.5)
     assert scores.should_refuse == 2 and scores.refused == 2
     assert refusal_scores([(False, False)]).f1 == 0.0
+
+
+def test_summary_scores_off_topic_probes_apart_from_unanswerable_questions():
+    def row(kind: str, refused: bool) -> dict:
+        scores = {"f1": 0.0, "em": 0.0, "contains": 1.0} if kind == "answerable" else {}
+        return {"kind": kind, "refused": refused, "flagged_refusal": refused, "seconds": 1.0, **scores}
+
+    rows = [row("answerable", False), row("answerable", True), row("off_topic", True), row("off_topic", True),
+            row("unanswerable", False), row("unanswerable", False)]
+    summary = summarize(rows)
+    assert summary["refusal_f1"] == 57.14  # P 2/3, R 2/4: the on-topic unanswerable questions count as misses
+    assert summary["off_topic_refusal_f1"] == 80.0  # P 2/3, R 2/2
+    assert summary["answerable_refused"] == 50.0
 
 
 @pytest.fixture(scope="module")

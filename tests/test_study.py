@@ -22,6 +22,17 @@ def test_span_questions_ask_for_each_answer_span_with_its_wh_phrase():
     assert "The harbor of Quillon was built in 1743 by the shipwright who?" in asked
     assert q.span_questions("Its lighthouse is 41 meters tall.") == ["Its lighthouse is how many meters tall?"]
     assert q.span_questions("It was nice.") == []  # nothing to ask for
+    assert q.span_questions("In 1994 astronomers found a comet.")[0] == "When astronomers found a comet?"
+
+
+def test_clipped_span_questions_end_with_the_asked_spans_clause():
+    atom = "The harbor master today is Teodor Plash, who keeps a ledger of every ship that enters."
+    pairs = q.span_questions_with_answers(atom, clipped=True)
+    assert [question for question, _ in pairs] == [
+        "The harbor master today is who, who keeps a ledger of every ship that enters?",
+        "The harbor master today is who?"]
+    assert {answer for _, answer in pairs} == {atom}  # both are answered with the atom's text
+    assert len(q.span_questions_with_answers("Its lighthouse is 41 meters tall.", clipped=True)) == 1  # no clause
 
 
 def test_model_questions_are_kept_only_when_they_are_questions_about_the_atom():

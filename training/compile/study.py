@@ -51,6 +51,7 @@ class StudyConfig:
     last_layers: int = 4  # adapt the last N decoder layers (training runs only these: cost grows with N)
     rank: int = 4  # micro rank per atom
     span_questions: int = 3  # rule-made questions per atom (one per answer span)
+    clipped_questions: bool = False  # each span question again, ending with the asked span's clause
     span_answer: str = "atom"  # span questions are answered by "atom" (its text up to the span: always right)
     # or by the "teacher"
     model_questions: int = 2  # questions sampled from the base model per atom (kept only if well-formed)
@@ -162,7 +163,8 @@ class StudyCompiler:
         subject = q.document_subject(text)
         fixed = cfg.span_answer == "atom"
         questions = [q.StudyQuestion(i, question, "span", answer if fixed else None) for i, a in enumerate(atoms)
-                     for question, answer in q.span_questions_with_answers(a.text, cfg.span_questions)]
+                     for question, answer in q.span_questions_with_answers(a.text, cfg.span_questions,
+                                                                               cfg.clipped_questions)]
         questions += self._model_questions(text, subject, atoms)
         if cfg.recital:
             questions += [q.recital(subject, a.text, i) for i, a in enumerate(atoms)]

@@ -14,7 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..data.build import write_jsonl
-from ..data.records import ANSWERABLE
+from ..data.records import ANSWERABLE, OFF_TOPIC, UNANSWERABLE
 from ..models import DEFAULT_MODEL
 from .artifacts import METHODS, NO_ARTIFACT, STUDY_METHODS, MethodRecipe, compile_all
 from .backends import Backend, Reply
@@ -117,6 +117,8 @@ def score(item: Item, reply: Reply) -> dict[str, Any]:
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     answerable = [r for r in rows if r["kind"] == ANSWERABLE]
     refusal = refusal_scores((r["kind"] != ANSWERABLE, r["refused"]) for r in rows)
+    # The off-topic probes alone (SQuAD v2's unanswerable questions are on-topic: only the model can decline them)
+    off_topic = refusal_scores((r["kind"] == OFF_TOPIC, r["refused"]) for r in rows if r["kind"] != UNANSWERABLE)
     called = [r["seconds"] for r in rows if not r["flagged_refusal"]]
 
     def mean(key: str) -> float | None:
@@ -126,6 +128,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "contains": mean("contains"), "refusal_precision": round(100 * refusal.precision, 2),
             "refusal_recall": round(100 * refusal.recall, 2), "refusal_f1": round(100 * refusal.f1, 2),
             "should_refuse": refusal.should_refuse, "refused": refusal.refused,
+            "off_topic_refusal_f1": round(100 * off_topic.f1, 2),
+            "answerable_refused": mean("refused"),
             "latency_median_s": round(statistics.median(called), 3) if called else None,
             "prompt_tokens_mean": round(statistics.fmean(r.get("prompt_tokens", 0) for r in rows if not
                                                          r["flagged_refusal"]), 1) if called else None,

@@ -9,7 +9,9 @@ from typing import Any
 from vllm_doc2atom.bank import atomic_write_text
 
 COLUMNS = [("F1", "f1"), ("EM", "em"), ("contains", "contains"), ("refusal P", "refusal_precision"),
-           ("refusal R", "refusal_recall"), ("refusal F1", "refusal_f1"), ("latency p50 s", "latency_median_s"),
+           ("refusal R", "refusal_recall"), ("refusal F1", "refusal_f1"),
+           ("off-topic refusal F1", "off_topic_refusal_f1"), ("answerable refused", "answerable_refused"),
+           ("latency p50 s", "latency_median_s"),
            ("prompt tokens", "prompt_tokens_mean")]
 COST_COLUMNS = [("compile s/doc", "compile_seconds_per_document"), ("compile peak MB", "compile_peak_memory_mb"),
                 ("KB/doc", "bytes_per_document")]

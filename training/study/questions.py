@@ -88,19 +88,29 @@ def span_questions(atom_text: str, limit: int = 3) -> list[str]:
     return [question for question, _ in span_questions_with_answers(atom_text, limit)]
 
 
-def span_questions_with_answers(atom_text: str, limit: int = 3) -> list[tuple[str, str]]:
-    """(question, answer) pairs: the answer is the atom's own text, which states the asked span."""
+# Where a sentence's next clause starts: a question about one span need not carry the rest of the sentence.
+_NEXT_CLAUSE = re.compile(r",|;|\s(?:and|but|which|who|where|while|that)\s")
+
+
+def span_questions_with_answers(atom_text: str, limit: int = 3,
+                                clipped: bool = False) -> list[tuple[str, str]]:
+    """(question, answer) pairs: the answer is the atom's own text, which states the asked span. `clipped` adds,
+    after each question, the same question ending with the asked span's clause ("... is how many meters tall?"):
+    users ask about one fact, not the whole sentence."""
     sentence = atom_text.strip().rstrip(".!?;:")
     questions = []
     for kind, start, end in answer_spans(sentence)[:limit]:
         before, span, after = sentence[:start], sentence[start:end], sentence[end:]
         wh = _wh_phrase(kind, before, span)
-        if wh.startswith("how many") and before.endswith("in "):
-            before = before[:-3] + "in "
         before = re.sub(r"\b(in|on|at)\s*$", lambda m: "" if wh in ("when", "where", "on which date") else m.group(0),
-                        before)
-        question = f"{before}{wh}{after}".strip()
-        questions.append((question[0].upper() + question[1:] + "?", atom_text.strip()))
+                        before, flags=re.I)
+        variants = [after]
+        cut = _NEXT_CLAUSE.search(after)
+        if clipped and cut:
+            variants.append(after[: cut.start()])
+        for ending in variants:
+            question = f"{before}{wh}{ending}".strip()
+            questions.append((question[0].upper() + question[1:] + "?", atom_text.strip()))
     return questions
 
 
