@@ -155,3 +155,16 @@ def test_max_gap_drops_atoms_far_below_the_best_match(docs_bank, encoder):
     assert RouterHead.from_dict({"max_gap": 0.2}).max_gap == 0.2
     with pytest.raises(BankError, match="max_gap"):
         RouterHead.from_dict({"max_gap": -1})
+
+
+def test_same_document_keeps_only_the_best_atoms_document(docs_bank, encoder):
+    question = "How tall is the Amber Needle lighthouse?"
+    plain = Router(encoder, RouterConfig(head=RouterHead(max_atoms=3))).route(docs_bank, question)
+    assert len({r.atom.document_id for r in plain.kept}) > 1  # the question routes another document's atoms too
+    head = RouterHead(max_atoms=3, same_document=True)
+    kept = Router(encoder, RouterConfig(head=head)).route(docs_bank, question).kept
+    assert kept and kept[0].index == plain.kept[0].index
+    assert {r.atom.document_id for r in kept} == {plain.kept[0].atom.document_id}
+    assert RouterHead.from_dict({"same_document": True}).same_document is True
+    with pytest.raises(BankError, match="same_document"):
+        RouterHead.from_dict({"same_document": "yes"})

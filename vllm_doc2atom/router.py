@@ -56,6 +56,9 @@ class RouterHead:
     # Drop atoms whose cosine is more than this below the best atom's: far below the top they are other
     # topics (often other documents), and composing them only adds noise to the right atom's update.
     max_gap: float | None = None
+    # Keep only atoms of the best atom's document: atoms fitted together per document (self-study) never saw
+    # another document's atoms summed with theirs, and such sums garble the right atom's fact.
+    same_document: bool = False
 
     def weight(self, similarity: float, atom: AtomRecord, rerank: float | None, stage2: bool) -> float:
         logit = self.sim_scale * (similarity - self.sim_center)
@@ -194,6 +197,8 @@ class Router:
         if head.max_gap is not None and kept:
             best = max(c.similarity for c in kept)
             kept = [c for c in kept if c.similarity >= best - head.max_gap]
+        if head.same_document and kept:
+            kept = [c for c in kept if c.atom.document_id == kept[0].atom.document_id]
         limits = [n for n in (cfg.max_atoms, head.max_atoms) if n is not None]
         if limits:
             kept = kept[: min(limits)]
@@ -249,6 +254,7 @@ _HEAD_FIELDS: dict[str, Callable[[Any], str | None]] = {
     "sim_scale": _float_field, "sim_center": _float_field, "rerank_scale": _float_field,
     "type_bias": _type_bias, "answer_bearing_bias": _float_field, "confidence_scale": _float_field,
     "metadata": _bool_field, "threshold": _threshold, "max_atoms": _max_atoms, "max_gap": _max_gap,
+    "same_document": _bool_field,
 }
 
 

@@ -41,8 +41,10 @@ logger = logging.getLogger(__name__)
 
 STUDY_VERSION = 1  # bump when cached questions, answers or factors would change for the same inputs
 # Sentence-encoder keys put the right atom in the top 3 for ~9 in 10 questions (top 1: less than half), so the
-# server composes up to 3 atoms, and the atoms are fitted in exactly such compositions.
-STUDY_HEAD = RouterHead(max_atoms=3)
+# server composes up to 3 atoms, and the atoms are fitted in exactly such compositions — of one document's atoms,
+# so the server keeps only the best atom's document (a bank of several documents would sum atoms never fitted
+# together).
+STUDY_HEAD = RouterHead(max_atoms=3, same_document=True)
 
 
 @dataclass
