@@ -3,6 +3,8 @@
 Preparation runs the base model over every document and question: 10-60 minutes on a CPU, repeated by
 every `--resume`. Its result depends only on the dataset's files, the base model, the sentence encoder
 and two settings, so it is stored under a key made of those; any change there computes it afresh.
+The prepared records (`AtomTable`, `QuestionItem`) are defined here; the trainer imports them, never the
+other way round.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +27,7 @@ from vllm_doc2atom.bank import make_readable
 from .student import AtomInputs, StudentExample
 
 if TYPE_CHECKING:
-    from .trainer import AtomTable, QuestionItem, TrainConfig
+    from .trainer import TrainConfig  # for the annotation only
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,37 @@ DATA_FILES = ("documents.jsonl", "atoms.jsonl", "questions.jsonl", "teacher/inde
 TABLE_TENSORS = ("text_embeddings", "confidence", "groups", "types", "answer_bearing")
 FEATURE_TENSORS = ("states", "embeddings", "mask")
 STUDENT_TENSORS = ("hidden", "answer_positions", "answer_tokens", "topk_ids", "topk_logprobs", "fact_mask")
+
+
+@dataclass
+class AtomTable:
+    """Every atom of the used documents, as rows."""
+
+    ids: list[str]
+    document_rows: dict[str, list[int]]  # document id -> atom rows
+    features: AtomInputs  # [N, ...] what the compiler reads of each atom
+    text_embeddings: torch.Tensor  # [N, D] sentence-encoder embeddings of retrieval texts
+    confidence: torch.Tensor  # [N]
+    groups: torch.Tensor  # [N] conflict-group index, -1 none
+    types: torch.Tensor  # [N] index into ATOM_TYPES
+    answer_bearing: torch.Tensor  # [N] 0/1
+
+    def metadata(self, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(types, answer_bearing, confidence) of some rows: the router head's metadata inputs."""
+        return self.types[rows], self.answer_bearing[rows], self.confidence[rows]
+
+
+@dataclass
+class QuestionItem:
+    id: str
+    document_id: str
+    kind: str
+    split: str
+    positives: list[int]  # atom rows: gold + supporting
+    gold: list[int]
+    embedding: torch.Tensor  # [D]
+    student: StudentExample | None  # answerable questions with teacher targets
+    prompt_hidden: torch.Tensor | None  # probes: hidden states of the prompt alone [t, H]
 
 
 def cache_key(config: TrainConfig, model_dir: str | Path, encoder_identity: str) -> str:
@@ -82,8 +116,6 @@ def save_prepared(folder: Path, key: str, table: AtomTable, items: list[Question
 
 def load_prepared(folder: Path, key: str) -> tuple[AtomTable, list[QuestionItem]] | None:
     """The cached inputs for `key`, or None when there are none (or they are unreadable)."""
-    from .trainer import AtomTable, QuestionItem
-
     path = folder / key
     try:
         meta = json.loads((path / "prepared.json").read_text())

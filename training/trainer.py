@@ -34,7 +34,8 @@ from . import losses
 from .checkpoint import CHECKPOINT_VERSION, load_compiler, read_checkpoint_meta
 from .data.records import ANSWERABLE
 from .model import CompilerConfig, MemoryCompiler
-from .student import AtomInputs, LoRAHooks, StudentExample, atom_features, encode_students, run_last_layers
+from .prepared import AtomTable, QuestionItem, cache_key, load_prepared, save_prepared
+from .student import AtomInputs, LoRAHooks, atom_features, encode_students, run_last_layers
 
 logger = logging.getLogger(__name__)
 
@@ -90,37 +91,6 @@ class TrainConfig:
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AtomTable:
-    """Every atom of the used documents, as rows."""
-
-    ids: list[str]
-    document_rows: dict[str, list[int]]  # document id -> atom rows
-    features: AtomInputs  # [N, ...] what the compiler reads of each atom
-    text_embeddings: torch.Tensor  # [N, D] sentence-encoder embeddings of retrieval texts
-    confidence: torch.Tensor  # [N]
-    groups: torch.Tensor  # [N] conflict-group index, -1 none
-    types: torch.Tensor  # [N] index into ATOM_TYPES
-    answer_bearing: torch.Tensor  # [N] 0/1
-
-    def metadata(self, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(types, answer_bearing, confidence) of some rows: the router head's metadata inputs."""
-        return self.types[rows], self.answer_bearing[rows], self.confidence[rows]
-
-
-@dataclass
-class QuestionItem:
-    id: str
-    document_id: str
-    kind: str
-    split: str
-    positives: list[int]  # atom rows: gold + supporting
-    gold: list[int]
-    embedding: torch.Tensor  # [D]
-    student: StudentExample | None  # answerable questions with teacher targets
-    prompt_hidden: torch.Tensor | None  # probes: hidden states of the prompt alone [t, H]
 
 
 def prepare(config: TrainConfig, model, tokenizer, encoder) -> tuple[AtomTable, list[QuestionItem]]:
@@ -314,7 +284,6 @@ def _token_weights(questions: list[QuestionItem], gold_weight: float) -> torch.T
 def _prepared_inputs(config: TrainConfig, model_dir: str, model, tokenizer, encoder,
                      write: bool) -> tuple[AtomTable, list[QuestionItem]]:
     """`prepare`'s result, from the run folder's cache when the data, model and settings are unchanged."""
-    from .prepared import cache_key, load_prepared, save_prepared
 
     if not config.cache_prepared:
         return prepare(config, model, tokenizer, encoder)
