@@ -86,8 +86,8 @@ def main() -> None:
         results.append(measure(args.data, args.split, args.limit, model_dir, config, work))
         print(table(results[-1:]).splitlines()[-1], flush=True)
         out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive an interrupted sweep
+        plot(results, out.with_suffix(".png"))
     print(table(results))
-    plot(results, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ def _eval(args: argparse.Namespace) -> int:
     config = EvalConfig(data=args.data, out=args.out, checkpoint=args.checkpoint,
                         d2l_atom_checkpoint=args.d2l_atom_checkpoint, d2l_raw_checkpoint=args.d2l_raw_checkpoint,
                         model=args.model, methods=args.methods.split(","), backend=args.backend, split=args.split,
-                        limit=args.limit, max_tokens=args.max_tokens, concurrency=args.concurrency,
+                        limit=args.limit, max_tokens=args.max_tokens, max_lora_rank=args.max_lora_rank,
+                        concurrency=args.concurrency,
                         top_k=args.top_k, threshold=args.threshold, seed=args.seed,
                         refine_steps=args.refine_steps, refine_lr=args.refine_lr,
                         serve_args=shlex.split(args.serve_args))
@@ -294,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--limit", type=int, help="documents per dataset (a seeded, deterministic sample)")
     p.add_argument("--max-tokens", type=int, default=32, help="answer length limit")
+    p.add_argument("--max-lora-rank", type=int, default=64,
+                   help="vLLM's --max-lora-rank (8, 16, 32, 64, 128, 256, ...): the composed and the monolithic "
+                        "adapters must fit (a d2l_study adapter has rank --rank x its document's atoms)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (served)")
     p.add_argument("--top-k", type=int, default=8, help="router: atoms per question at most")
     p.add_argument("--threshold", type=float, help="router: minimum weight, else refuse (default: the "

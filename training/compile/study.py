@@ -39,7 +39,7 @@ from .documents import make_atomizer
 
 logger = logging.getLogger(__name__)
 
-STUDY_VERSION = 1  # bump when cached questions, answers or factors would change for the same inputs
+STUDY_VERSION = 2  # bump when cached questions, answers or factors would change for the same inputs
 # Sentence-encoder keys put the right atom in the top 3 for ~9 in 10 questions (top 1: less than half), so the
 # server composes up to 3 atoms, and the atoms are fitted in exactly such compositions — of one document's atoms,
 # so the server keeps only the best atom's document (a bank of several documents would sum atoms never fitted
@@ -51,7 +51,7 @@ STUDY_HEAD = RouterHead(max_atoms=3, same_document=True)
 class StudyConfig:
     modules: tuple[str, ...] = ("down_proj",)  # adapted linears in each adapted layer
     last_layers: int = 4  # adapt the last N decoder layers (training runs only these: cost grows with N)
-    rank: int = 4  # micro rank per atom
+    rank: int = 8  # micro rank per atom (the adapter-shape sweep: see benchmarks/study_shapes.py)
     span_questions: int = 3  # rule-made questions per atom (one per answer span)
     clipped_questions: bool = False  # each span question again, ending with the asked span's clause
     span_answer: str = "atom"  # span questions are answered by "atom" (its text up to the span: always right)
