@@ -134,3 +134,30 @@ def test_study_compile_needs_no_checkpoint_caches_by_content_and_adds(tmp_path, 
     # another adapter shape cannot join this bank
     assert main(["compile", docs[2], "--out", str(tmp_path / "bank"), "--add", "--rank", "2", *common]) == 2
     assert "compile into a new bank" in capsys.readouterr().err
+
+
+def test_adapter_shape_benchmark_measures_each_shape(tmp_path, tiny_model_dir, monkeypatch):
+    """benchmarks/study_shapes.py end to end on a tiny model: one row per shape, JSON and plot written."""
+    import sys
+    from pathlib import Path
+
+    from training.data.build import BuildConfig, build_dataset
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import study_shapes
+
+    data = tmp_path / "data"
+    build_dataset(BuildConfig(source="synthetic", out=data, limit=3, teacher_model=str(tiny_model_dir),
+                              teacher_backend="transformers", top_k=4, probes_per_document=1))
+    split = json.loads((data / "questions.jsonl").read_text().splitlines()[0])["split"]
+    out = tmp_path / "shapes.json"
+    monkeypatch.setattr(sys, "argv", ["study_shapes.py", "--data", str(data), "--split", split, "--limit", "1",
+                                      "--model", str(tiny_model_dir), "--steps", "2", "--out", str(out),
+                                      "--work", str(tmp_path / "work"), "--shape", "down_proj:1:2",
+                                      "--shape", "down_proj:2:4"])
+    study_shapes.main()
+    rows = json.loads(out.read_text())
+    assert [(r["layers"], r["rank"]) for r in rows] == [(1, 2), (2, 4)]
+    assert all(set(r["contains_percent"]) == set(study_shapes.SETTINGS) and r["questions"] > 0 for r in rows)
+    assert rows[1]["bytes_per_atom"] > rows[0]["bytes_per_atom"] > 0  # more layers x rank: more bytes
+    assert out.with_suffix(".png").stat().st_size > 0

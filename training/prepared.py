@@ -3,8 +3,8 @@
 Preparation runs the base model over every document and question: 10-60 minutes on a CPU, repeated by
 every `--resume`. Its result depends only on the dataset's files, the base model, the sentence encoder
 and two settings, so it is stored under a key made of those; any change there computes it afresh.
-The prepared records (`AtomTable`, `QuestionItem`) are defined here; the trainer imports them, never the
-other way round.
+The prepared records (`AtomTable`, `QuestionItem`) are defined here; the trainer imports them (this module
+names the trainer's config in a type annotation only, so there is no import cycle at run time).
 """
 
 from __future__ import annotations
