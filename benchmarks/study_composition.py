@@ -78,12 +78,22 @@ def config_from(modules: str, layers: int, rank: int, steps: int) -> StudyConfig
                        fit=replace(defaults.fit, steps=steps))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def data_arguments(description: str, limit: int) -> argparse.ArgumentParser:
+    """The arguments both self-study benchmarks take: which documents, which split, which base model."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a folder from `doc2atom data build` (gold atoms labelled)")
     parser.add_argument("--split", default="validation")
-    parser.add_argument("--limit", type=int, default=4, help="documents")
+    parser.add_argument("--limit", type=int, default=limit, help="documents")
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    return parser
+
+
+def model_folder(name: str) -> Path:
+    return prepare_model(name) if name in PACKAGED_MODELS else Path(name)
+
+
+def main() -> None:
+    parser = data_arguments(__doc__, limit=4)
     parser.add_argument("--out", default="benchmarks/results/study_composition.json")
     parser.add_argument("--work", default="runs/study-composition", help="banks and adapters")
     defaults = StudyConfig()
@@ -93,7 +103,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=defaults.fit.steps)
     args = parser.parse_args()
 
-    model_dir = prepare_model(args.model) if args.model in PACKAGED_MODELS else Path(args.model)
+    model_dir = model_folder(args.model)
     config = config_from(args.modules, args.layers, args.rank, args.steps)
     result = measure(args.data, args.split, args.limit, model_dir, config, Path(args.work))
     print("| setting | gold answer in reply |\n|---|---|")

@@ -19,10 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from study_composition import SETTINGS, config_from, measure  # noqa: E402
+from study_composition import SETTINGS, config_from, data_arguments, measure, model_folder  # noqa: E402
 
 from training.compile import StudyConfig  # noqa: E402
-from training.models import DEFAULT_MODEL, PACKAGED_MODELS, prepare_model  # noqa: E402
 
 DEFAULT_SHAPES = ("down_proj:4:4", "down_proj:4:8", "down_proj:8:4", "down_proj:2:4",
                   "gate_proj,up_proj,down_proj:4:4", "o_proj,down_proj:4:4")
@@ -65,18 +64,14 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="a folder from `doc2atom data build` (gold atoms labelled)")
-    parser.add_argument("--split", default="validation")
-    parser.add_argument("--limit", type=int, default=6, help="documents")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser = data_arguments(__doc__, limit=6)
     parser.add_argument("--shape", action="append", type=parse_shape, help="MODULES:LAYERS:RANK (repeatable)")
     parser.add_argument("--steps", type=int, default=StudyConfig().fit.steps)
     parser.add_argument("--out", default="benchmarks/results/study_shapes.json")
     parser.add_argument("--work", default="runs/study-shapes", help="banks and adapters, one folder per shape")
     args = parser.parse_args()
 
-    model_dir = prepare_model(args.model) if args.model in PACKAGED_MODELS else Path(args.model)
+    model_dir = model_folder(args.model)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
