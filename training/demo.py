@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .data.teacher import TEACHER_SYSTEM
+
 logger = logging.getLogger(__name__)
 
 EXAMPLE_DOCS = Path(__file__).resolve().parent.parent / "examples" / "docs"
@@ -29,7 +31,7 @@ QUESTIONS = [
 # Each in-scope question is asked twice: from the composed adapter alone (parametric memory), and with the
 # routed atoms' own text before it as well (`atom_evidence`), under the instruction the evaluation gives it.
 EVIDENCE = "only"
-SHORT_ANSWER = {"role": "system", "content": "Answer the question with a short phrase taken from the document."}
+SHORT_ANSWER = {"role": "system", "content": TEACHER_SYSTEM}  # the instruction ICL and the teacher read
 
 
 def run_demo(model_dir: Path, checkpoint: Path | None = None, work_dir: Path | None = None, keep: bool = False,
