@@ -3,6 +3,11 @@ alone, gold + 1 and + 3 random atoms of the same document (weight 1), and the se
 answer inside the reply, per setting. One bank per document, compiled with `--mode study`; answers by
 transformers + PEFT with the plugin's router and composer (the eval's `transformers` backend).
 
+Greedy replies of a 135M model flip on small changes, so a few dozen questions give a noisy containment. Each
+setting also gets a low-noise number: the gold-span NLL — the mean loss of the gold answer's tokens inside the
+teacher's own answer (the base model reading the document), teacher-forced, with the question alone and the
+composed atoms (questions whose teacher answer holds no gold answer are left out).
+
     .venv/bin/python benchmarks/study_composition.py --data data/fresh_validation --split validation --limit 4
 
 Prints a table and saves benchmarks/results/study_composition.json.
@@ -47,8 +52,11 @@ def measure(data: str, split: str, limit: int, model_dir: Path, config: StudyCon
 
     rng = random.Random(0)
     hits: dict[str, list[bool]] = {s: [] for s in SETTINGS}
+    span_nll: dict[str, list[float]] = {s: [] for s in SETTINGS}
+    answerable = [i for i in items if i.kind == "answerable"]
     with TransformersBackend(model_dir, work, 32, 64, 8, None) as backend:
-        for item in (i for i in items if i.kind == "answerable"):
+        teacher = teacher_gold_spans(backend, documents, answerable)
+        for item in answerable:
             bank = backend.banks.get(artifact_name("doc2atom_study", item.document_id))
             rows = [r for r, a in enumerate(bank.atoms) if a.id in gold[item.question_id]]
             if not rows:
@@ -60,8 +68,14 @@ def measure(data: str, split: str, limit: int, model_dir: Path, config: StudyCon
                 adapter = save_peft_adapter(compose(bank, [(r, 1.0) for r in selection]), backend.scratch)
                 text, _ = backend._generate([{"role": "user", "content": item.question}], adapter)
                 hits[setting].append(bool(best_over(contains, text, item.answers)))
+                if item.question_id in teacher:
+                    span_nll[setting].append(gold_span_nll(backend, adapter, item.question, *teacher[item.question_id]))
             reply = backend.answer("doc2atom_study", item.document_id, documents[item.document_id], item.question)
             hits["routed"].append(not reply.flagged_refusal and bool(best_over(contains, reply.text, item.answers)))
+            routed = backend.routers.route(bank, item.question)
+            if item.question_id in teacher and not routed.refused:
+                adapter = save_peft_adapter(compose(bank, routed.selection), backend.scratch)
+                span_nll["routed"].append(gold_span_nll(backend, adapter, item.question, *teacher[item.question_id]))
 
     return {"data": Path(data).name, "split": split, "documents": len(documents), "atoms": atoms,
             "modules": ",".join(config.modules), "layers": config.last_layers, "rank": config.rank,
@@ -69,7 +83,51 @@ def measure(data: str, split: str, limit: int, model_dir: Path, config: StudyCon
             "compile_seconds_per_atom": round(compile_seconds / max(atoms, 1), 2),
             "bytes_per_atom": round(factor_bytes / max(atoms, 1)),
             "contains_percent": {s: round(100 * sum(h) / max(len(h), 1), 1) for s, h in hits.items()},
+            "gold_span_nll": {s: round(sum(v) / len(v), 3) if v else None for s, v in span_nll.items()},
+            "gold_span_questions": len(span_nll["gold alone"]),
             "study": compiler.stats()}
+
+
+def teacher_gold_spans(backend: TransformersBackend, documents: dict[str, str],
+                       items: list) -> dict[str, tuple[list[int], list[bool]]]:
+    """question id -> (the teacher's greedy answer tokens, which of them spell a gold answer), for the questions
+    whose teacher answer holds one."""
+    from training.data.teacher import teacher_messages
+    from training.study.generation import chat_prompt_ids, generate
+
+    tokenizer = backend.tokenizer
+    prompts = [chat_prompt_ids(tokenizer, teacher_messages(documents[i.document_id], i.question)) for i in items]
+    found = {}
+    for item, answer in zip(items, generate(backend.model, tokenizer, prompts, 24)):
+        ends = [len(tokenizer.decode(answer.tokens[: j + 1], skip_special_tokens=True)) for j in
+                range(len(answer.tokens))]
+        text = tokenizer.decode(answer.tokens, skip_special_tokens=True).lower()
+        for gold in item.answers:
+            at = text.find(gold.lower())
+            if at >= 0 and answer.tokens:
+                starts = [0] + ends[:-1]
+                found[item.question_id] = (answer.tokens, [s < at + len(gold) and e > at for s, e in zip(starts, ends)])
+                break
+    return found
+
+
+def gold_span_nll(backend: TransformersBackend, adapter: Path, question: str, tokens: list[int],
+                  gold: list[bool]) -> float:
+    """Mean loss of the gold tokens of the teacher's answer, teacher-forced, question alone + the adapter."""
+    import torch
+    from peft import PeftModel
+
+    from training.study.generation import chat_prompt_ids
+
+    prompt = chat_prompt_ids(backend.tokenizer, [{"role": "user", "content": question}])
+    model = PeftModel.from_pretrained(backend.model, adapter)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
+    finally:
+        model.unload()
+    losses = torch.nn.functional.cross_entropy(logits, torch.tensor(tokens), reduction="none")
+    return losses[torch.tensor(gold)].mean().item()
 
 
 def config_from(modules: str, layers: int, rank: int, steps: int) -> StudyConfig:
@@ -106,9 +164,9 @@ def main() -> None:
     model_dir = model_folder(args.model)
     config = config_from(args.modules, args.layers, args.rank, args.steps)
     result = measure(args.data, args.split, args.limit, model_dir, config, Path(args.work))
-    print("| setting | gold answer in reply |\n|---|---|")
+    print("| setting | gold answer in reply | gold-span NLL |\n|---|---|---|")
     for setting, value in result["contains_percent"].items():
-        print(f"| {setting} | {value} % |")
+        print(f"| {setting} | {value} % | {result['gold_span_nll'][setting]} |")
     print(f"{result['questions']} questions, {result['documents']} documents, {result['atoms']} atoms, "
           f"{result['compile_seconds_per_atom']} s per atom, {result['bytes_per_atom']} bytes per atom")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Which adapter shape should self-study atoms have? For each shape (adapted modules x last layers x rank):
-gold answer inside the reply with the gold atom alone, + 1 and + 3 random atoms, and the server's real routing
-(`study_composition.measure`), bytes per atom, and compile seconds per atom (no cache: every stage timed).
+gold answer inside the reply with the gold atom alone, + 1 and + 3 random atoms, and the server's real routing,
+and the low-noise gold-span NLL (`study_composition.measure`), bytes per atom, and compile seconds per atom (no
+cache: every stage timed).
 
     .venv/bin/python benchmarks/study_shapes.py --data data/fresh_validation --limit 6 \\
         --shape down_proj:4:4 --shape down_proj:4:8 --shape gate_proj,up_proj,down_proj:4:4
@@ -36,12 +37,13 @@ def parse_shape(text: str) -> tuple[str, int, int]:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| modules | layers | rank | " + " | ".join(SETTINGS) + " | KB per atom | s per atom |",
-             "|---|---|---|" + "---|" * len(SETTINGS) + "---|---|"]
+    lines = ["| modules | layers | rank | " + " | ".join(SETTINGS) + " | gold-span NLL alone / routed "
+             "| KB per atom | s per atom |", "|---|---|---|" + "---|" * len(SETTINGS) + "---|---|---|"]
     for r in results:
         cells = " | ".join(f"{r['contains_percent'][s]}" for s in SETTINGS)
-        lines.append(f"| {r['modules']} | {r['layers']} | {r['rank']} | {cells} | {r['bytes_per_atom'] / 1e3:.0f} "
-                     f"| {r['compile_seconds_per_atom']} |")
+        nll = r["gold_span_nll"]
+        lines.append(f"| {r['modules']} | {r['layers']} | {r['rank']} | {cells} | {nll['gold alone']} / "
+                     f"{nll['routed']} | {r['bytes_per_atom'] / 1e3:.0f} | {r['compile_seconds_per_atom']} |")
     return "\n".join(lines)
 
 

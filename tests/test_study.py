@@ -158,6 +158,7 @@ def test_adapter_shape_benchmark_measures_each_shape(tmp_path, tiny_model_dir, m
     study_shapes.main()
     rows = json.loads(out.read_text())
     assert [(r["layers"], r["rank"]) for r in rows] == [(1, 2), (2, 4)]
-    assert all(set(r["contains_percent"]) == set(study_shapes.SETTINGS) and r["questions"] > 0 for r in rows)
+    assert all(set(r["contains_percent"]) == set(r["gold_span_nll"]) == set(study_shapes.SETTINGS)
+               and r["questions"] > 0 for r in rows)
     assert rows[1]["bytes_per_atom"] > rows[0]["bytes_per_atom"] > 0  # more layers x rank: more bytes
     assert out.with_suffix(".png").stat().st_size > 0

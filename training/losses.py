@@ -33,8 +33,8 @@ def teacher_kl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torc
     logits [n, V], topk_ids [n, k] (-1 = none), topk_logprobs [n, k]."""
     valid = topk_ids >= 0
     teacher = torch.log_softmax(topk_logprobs.masked_fill(~valid, -torch.inf), dim=-1)
-    student_all = torch.log_softmax(logits, dim=-1).gather(-1, topk_ids.clamp(min=0))
-    student = torch.log_softmax(student_all.masked_fill(~valid, -torch.inf), dim=-1)
+    # renormalised on the top-k set, the full vocabulary's normaliser cancels: no log-softmax over V needed
+    student = torch.log_softmax(logits.gather(-1, topk_ids.clamp(min=0)).masked_fill(~valid, -torch.inf), dim=-1)
     terms = teacher.exp() * (teacher - student)
     return _reduce(terms.masked_fill(~valid, 0.0).sum(-1), denominator, weights)
 

@@ -39,7 +39,8 @@ from .documents import make_atomizer
 
 logger = logging.getLogger(__name__)
 
-STUDY_VERSION = 2  # bump when cached questions, answers or factors would change for the same inputs
+STUDY_VERSION = 3  # bump when cached questions, answers or factors would change for the same inputs
+FIXED_ANSWER_TOKENS = 48  # an atom's own text as an answer: longer ones are cut (and then not taught to stop)
 # Sentence-encoder keys put the right atom in the top 3 for ~9 in 10 questions (top 1: less than half), so the
 # server composes up to 3 atoms, and the atoms are fitted in exactly such compositions — of one document's atoms,
 # so the server keeps only the best atom's document (a bank of several documents would sum atoms never fitted
@@ -54,9 +55,11 @@ class StudyConfig:
     rank: int = 8  # micro rank per atom (the adapter-shape sweep: see benchmarks/study_shapes.py)
     span_questions: int = 3  # rule-made questions per atom (one per answer span)
     clipped_questions: bool = False  # each span question again, ending with the asked span's clause
-    span_answer: str = "atom"  # span questions are answered by "atom" (its text up to the span: always right)
+    span_answer: str = "atom"  # span questions are answered by "atom" (its text: it states the span)
     # or by the "teacher"
-    model_questions: int = 2  # questions sampled from the base model per atom (kept only if well-formed)
+    # questions sampled from the base model per atom (kept only if well-formed): SmolLM2-135M's are mostly
+    # unusable and cost ~1.8 s per atom, so off; a base model that writes good questions may gain from them
+    model_questions: int = 0
     recital: bool = True  # "what does the document say about <subject>, starting with ..." -> the atom's text
     protection: int = 8  # unrelated prompts per document whose base-model answers the atoms must not change
     max_answer_tokens: int = 20  # teacher answer length (the fact comes first; later tokens are chatter)
@@ -192,17 +195,19 @@ class StudyCompiler:
                 if answer.stopped:
                     example = self._then_stop(example)
             else:  # a fixed answer: one-hot targets, then the end of the turn (a reply that stops, not loops)
-                tokens = self.tokenizer(x.answer, add_special_tokens=False)["input_ids"][: cfg.max_answer_tokens + 8]
-                example = self._then_stop(Example(x.atom, prompt, torch.tensor(tokens, dtype=torch.long),
-                                                  torch.zeros(0, cfg.top_k, dtype=torch.long),
-                                                  torch.zeros(0, cfg.top_k)))
+                tokens = self.tokenizer(x.answer, add_special_tokens=False)["input_ids"]
+                example = Example(x.atom, prompt, torch.tensor(tokens[:FIXED_ANSWER_TOKENS], dtype=torch.long),
+                                  torch.zeros(0, cfg.top_k, dtype=torch.long), torch.zeros(0, cfg.top_k))
+                # a reply cut mid-sentence must not learn to stop there
+                example = self._then_stop(example, stop=len(tokens) <= FIXED_ANSWER_TOKENS)
             examples.append(example)
         kept = [x for x in questions if x.answer is not None or by_question[id(x)].tokens]
         return examples, kept
 
-    def _then_stop(self, example: Example) -> Example:
-        """Append the end-of-turn token and give every fixed (not teacher-scored) position a one-hot target."""
-        tokens = torch.cat([example.answer, torch.tensor([end_of_turn_id(self.tokenizer)])]).long()
+    def _then_stop(self, example: Example, stop: bool = True) -> Example:
+        """Append the end-of-turn token (unless not `stop`) and give every fixed (not teacher-scored) position a
+        one-hot target."""
+        tokens = torch.cat([example.answer, torch.tensor([end_of_turn_id(self.tokenizer)] if stop else [])]).long()
         ids = torch.full((len(tokens), self.config.top_k), -1, dtype=torch.long)
         logprobs = torch.zeros(len(tokens), self.config.top_k)
         scored = len(example.topk_ids)

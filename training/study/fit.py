@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -164,12 +164,12 @@ def fit_document(model: nn.Module, targets: Sequence[Target], n_atoms: int, rank
     hooks = hooks or LoRAHooks(model, targets)
     optimizer = torch.optim.Adam([*a.values(), *b.values()], lr=config.lr)
     composer = Composer(n_atoms, config)
-    order = random.Random(config.seed)
+    batches = length_batches(states.lengths, config.batch_size, random.Random(config.seed))
     losses_seen = []
     head = model.get_output_embeddings()
     try:
         for _ in range(config.steps):
-            rows = order.sample(range(len(examples)), min(config.batch_size, len(examples)))
+            rows = next(batches)
             batch = [examples[r] for r in rows]
             atoms, weights = composer.batch(batch)
             factors = {t: stack_factors(a[t][atoms], b[t][atoms], weights * scaling) for t in targets}
@@ -192,6 +192,23 @@ def fit_document(model: nn.Module, targets: Sequence[Target], n_atoms: int, rank
     logger.debug("fit: loss %.3f -> %.3f over %d steps", losses_seen[0], losses_seen[-1], len(losses_seen))
     return FitResult({t: x.detach() for t, x in a.items()}, {t: x.detach() for t, x in b.items()},
                      losses_seen[0], losses_seen[-1])
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
+                   window: int = 4) -> Iterator[list[int]]:
+    """Endless batches of example rows, each pass over the examples in random order, but every `window`
+    batches' worth sorted by length before it is cut: a batch runs as long as its longest example, so padding
+    costs as much as real tokens."""
+    rows = list(range(len(lengths)))
+    while True:
+        rng.shuffle(rows)
+        batches = []
+        for start in range(0, len(rows), batch_size * window):
+            chunk = sorted(rows[start : start + batch_size * window], key=lengths.__getitem__)
+            cuts = math.ceil(len(chunk) / batch_size)  # near-equal batches: no tiny leftover batch
+            batches += [chunk[i * len(chunk) // cuts : (i + 1) * len(chunk) // cuts] for i in range(cuts)]
+        rng.shuffle(batches)
+        yield from batches
 
 
 def _answer_positions(batch: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
