@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from training.study import questions as q
-from training.study.fit import Composer, Example, FitConfig, fit_document
+from training.study.fit import Composer, Example, FitConfig, fit_document, length_batches
 from training.study.generation import chat_prompt_ids, generate, split_common_prefix
 from vllm_doc2atom.bank import AtomBank, Target
 
@@ -162,3 +162,17 @@ def test_adapter_shape_benchmark_measures_each_shape(tmp_path, tiny_model_dir, m
                and r["questions"] > 0 for r in rows)
     assert rows[1]["bytes_per_atom"] > rows[0]["bytes_per_atom"] > 0  # more layers x rank: more bytes
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_length_batches_cover_every_example_once_per_pass_in_batches_of_like_length():
+    import random
+
+    lengths = [random.Random(i).randint(5, 120) for i in range(50)]
+    batches = length_batches(lengths, batch_size=6, rng=random.Random(0), window=4)
+    one_pass = []
+    while sum(map(len, one_pass)) < len(lengths):
+        one_pass.append(next(batches))
+    assert sorted(r for b in one_pass for r in b) == list(range(50))  # a pass: each example exactly once
+    assert all(4 <= len(b) <= 6 for b in one_pass)  # near-equal cuts, no tiny leftover batch
+    spread = sum(max(lengths[r] for r in b) - min(lengths[r] for r in b) for b in one_pass) / len(one_pass)
+    assert spread < 0.5 * (max(lengths) - min(lengths))  # sorted windows: little padding per batch

@@ -203,12 +203,16 @@ def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
     while True:
         rng.shuffle(rows)
         batches = []
-        for start in range(0, len(rows), batch_size * window):
-            chunk = sorted(rows[start : start + batch_size * window], key=lengths.__getitem__)
-            cuts = math.ceil(len(chunk) / batch_size)  # near-equal batches: no tiny leftover batch
-            batches += [chunk[i * len(chunk) // cuts : (i + 1) * len(chunk) // cuts] for i in range(cuts)]
+        for chunk in _near_equal(rows, math.ceil(len(rows) / (batch_size * window))):
+            chunk = sorted(chunk, key=lengths.__getitem__)
+            batches += _near_equal(chunk, math.ceil(len(chunk) / batch_size))
         rng.shuffle(batches)
         yield from batches
+
+
+def _near_equal(rows: list[int], parts: int) -> list[list[int]]:
+    """`rows` cut into `parts` consecutive pieces whose sizes differ by at most one: no tiny leftover."""
+    return [rows[i * len(rows) // parts : (i + 1) * len(rows) // parts] for i in range(parts)]
 
 
 def _answer_positions(batch: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
