@@ -62,20 +62,20 @@ def measure(data: str, split: str, limit: int, model_dir: Path, config: StudyCon
             if not rows:
                 continue  # the answer spans atoms the rule atomizer cut differently
             others = [r for r in range(len(bank)) if r not in rows]
-            selections = {"gold alone": rows, "gold + 1": rows + rng.sample(others, min(1, len(others))),
-                          "gold + 3": rows + rng.sample(others, min(3, len(others)))}
+            selections = {"gold alone": [(r, 1.0) for r in rows],
+                          "gold + 1": [(r, 1.0) for r in rows + rng.sample(others, min(1, len(others)))],
+                          "gold + 3": [(r, 1.0) for r in rows + rng.sample(others, min(3, len(others)))]}
+            routed = backend.routers.route(bank, item.question)  # as the server routes (a refusal: a miss)
+            if routed.refused:
+                hits["routed"].append(False)
+            else:
+                selections["routed"] = routed.selection
             for setting, selection in selections.items():
-                adapter = save_peft_adapter(compose(bank, [(r, 1.0) for r in selection]), backend.scratch)
+                adapter = save_peft_adapter(compose(bank, selection, backend.max_lora_rank), backend.scratch)
                 text, _ = backend._generate([{"role": "user", "content": item.question}], adapter)
                 hits[setting].append(bool(best_over(contains, text, item.answers)))
                 if item.question_id in teacher:
                     span_nll[setting].append(gold_span_nll(backend, adapter, item.question, *teacher[item.question_id]))
-            reply = backend.answer("doc2atom_study", item.document_id, documents[item.document_id], item.question)
-            hits["routed"].append(not reply.flagged_refusal and bool(best_over(contains, reply.text, item.answers)))
-            routed = backend.routers.route(bank, item.question)
-            if item.question_id in teacher and not routed.refused:
-                adapter = save_peft_adapter(compose(bank, routed.selection), backend.scratch)
-                span_nll["routed"].append(gold_span_nll(backend, adapter, item.question, *teacher[item.question_id]))
 
     return {"data": Path(data).name, "split": split, "documents": len(documents), "atoms": atoms,
             "modules": ",".join(config.modules), "layers": config.last_layers, "rank": config.rank,
