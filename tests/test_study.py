@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from training.study import questions as q
-from training.study.fit import Composer, Example, FitConfig, fit_document, length_batches
+from training.study.fit import Composer, Example, FitConfig, fit_document, fit_steps, length_batches
 from training.study.generation import chat_prompt_ids, generate, split_common_prefix
 from vllm_doc2atom.bank import AtomBank, Target
 
@@ -162,6 +162,37 @@ def test_adapter_shape_benchmark_measures_each_shape(tmp_path, tiny_model_dir, m
                and r["questions"] > 0 for r in rows)
     assert rows[1]["bytes_per_atom"] > rows[0]["bytes_per_atom"] > 0  # more layers x rank: more bytes
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_refusal_benchmark_calibrates_each_document_as_the_compiler_does(tmp_path, tiny_model_dir, monkeypatch):
+    """benchmarks/study_refusal.py on a tiny model: every question scored against its document's calibrated
+    threshold, off-topic probes refused far more often than answerable questions, JSON keyed by set."""
+    import sys
+    from pathlib import Path
+
+    from training.data.build import BuildConfig, build_dataset
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import study_refusal
+
+    data = tmp_path / "data"
+    build_dataset(BuildConfig(source="synthetic", out=data, limit=4, teacher_model=str(tiny_model_dir),
+                              teacher_backend="transformers", top_k=4, probes_per_document=2))
+    split = json.loads((data / "questions.jsonl").read_text().splitlines()[0])["split"]
+    out = tmp_path / "refusal.json"
+    monkeypatch.setattr(sys, "argv", ["study_refusal.py", "--data", str(data), "--split", split,
+                                      "--model", str(tiny_model_dir), "--out", str(out)])
+    study_refusal.main()
+    (result,) = json.loads(out.read_text()).values()
+    assert result["questions"]["answerable"] > 0 and result["questions"]["off_topic"] > 0
+    refused = result["refused_percent"]
+    assert refused["off_topic"] > refused["answerable"] and 0 <= result["off_topic_refusal_f1"] <= 100
+
+
+def test_fit_steps_follow_the_examples_when_passes_are_set():
+    assert fit_steps(FitConfig(steps=60), 10) == fit_steps(FitConfig(steps=60), 500) == 60
+    passes = FitConfig(passes=16, batch_size=12)
+    assert (fit_steps(passes, 30), fit_steps(passes, 120), fit_steps(passes, 0)) == (40, 160, 1)
 
 
 def test_length_batches_cover_every_example_once_per_pass_in_batches_of_like_length():

@@ -118,7 +118,7 @@ def _compile(args: argparse.Namespace) -> int:
     documents = read_documents(args.documents)
     study = StudyConfig(modules=tuple(args.modules.split(",")), last_layers=args.layers, rank=args.rank,
                         model_questions=args.model_questions, cache=not args.no_cache,
-                        fit=FitConfig(steps=args.steps, lr=args.lr))
+                        fit=FitConfig(steps=args.steps, passes=args.passes, lr=args.lr))
     bank, stats = compile_documents(documents, args.out, mode=args.mode, checkpoint=args.checkpoint,
                                     model_dir=args.model, overwrite=args.overwrite, atomizer=args.atomizer,
                                     add=args.add, study=study,
@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=study.last_layers, help="study: adapt the last N layers")
     p.add_argument("--rank", type=int, default=study.rank, help="study: micro-LoRA rank per atom")
     p.add_argument("--steps", type=int, default=fit.steps, help="study: optimizer steps per document")
+    p.add_argument("--passes", type=float, default=None,
+                   help="study: steps from passes over each document's examples instead of --steps, so the cost "
+                        "follows the atom count (16: 2.5x faster than 60 steps on short documents, some quality lost)")
     p.add_argument("--lr", type=float, default=fit.lr, help="study: learning rate")
     p.add_argument("--model-questions", type=int, default=study.model_questions,
                    help="study: questions sampled from the base model per atom (besides the rule-made ones)")

@@ -161,6 +161,11 @@ class StudyCompiler:
         tensors["gates"] = torch.ones(result.a[self.targets[0]].shape[0], len(self.targets))
         return tensors, positives
 
+    def positive_weights(self, text: str, atoms: list[AtomRecord], keys: torch.Tensor) -> list[float]:
+        """The top router weight of each of a document's study questions — the refusal calibration's
+        positives — without fitting anything (`benchmarks/study_refusal.py` measures refusal on many documents)."""
+        return self._route(*self._study(text, atoms), keys, atoms)
+
     def _study(self, text: str, atoms: list[AtomRecord]) -> tuple[list[Example], list[q.StudyQuestion]]:
         """Questions for every atom, answered by the teacher: the fitting examples."""
         cfg = self.config

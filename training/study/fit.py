@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FitConfig:
-    steps: int = 60  # optimizer steps per document
+    steps: int = 60  # optimizer steps per document, unless `passes` is set
+    passes: float | None = None  # steps = passes over the document's examples (cost follows its atom count)
     batch_size: int = 12  # examples per step
     lr: float = 3e-3
     kl_weight: float = 1.0
@@ -168,7 +169,7 @@ def fit_document(model: nn.Module, targets: Sequence[Target], n_atoms: int, rank
     losses_seen = []
     head = model.get_output_embeddings()
     try:
-        for _ in range(config.steps):
+        for _ in range(fit_steps(config, len(examples))):
             rows = next(batches)
             batch = [examples[r] for r in rows]
             atoms, weights = composer.batch(batch)
@@ -192,6 +193,11 @@ def fit_document(model: nn.Module, targets: Sequence[Target], n_atoms: int, rank
     logger.debug("fit: loss %.3f -> %.3f over %d steps", losses_seen[0], losses_seen[-1], len(losses_seen))
     return FitResult({t: x.detach() for t, x in a.items()}, {t: x.detach() for t, x in b.items()},
                      losses_seen[0], losses_seen[-1])
+
+
+def fit_steps(config: FitConfig, examples: int) -> int:
+    """`config.steps`, or as many steps as `config.passes` passes over the examples take."""
+    return config.steps if config.passes is None else max(1, math.ceil(config.passes * examples / config.batch_size))
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
