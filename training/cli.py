@@ -265,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=study.rank, help="study: micro-LoRA rank per atom")
     p.add_argument("--steps", type=int, default=fit.steps, help="study: optimizer steps per document")
     p.add_argument("--passes", type=float, default=None,
-                   help="study: steps from passes over each document's examples instead of --steps, so the cost "
-                        "follows the atom count (16: 2.5x faster than 60 steps on short documents, some quality lost)")
+                   help="study: steps from passes over each document's examples instead of --steps, so the "
+                        "cost follows the atom count (16: 2.5x faster than 60 steps on short documents, "
+                        "some quality lost)")
     p.add_argument("--lr", type=float, default=fit.lr, help="study: learning rate")
     p.add_argument("--model-questions", type=int, default=study.model_questions,
                    help="study: questions sampled from the base model per atom (besides the rule-made ones)")

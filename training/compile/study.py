@@ -163,7 +163,7 @@ class StudyCompiler:
 
     def positive_weights(self, text: str, atoms: list[AtomRecord], keys: torch.Tensor) -> list[float]:
         """The top router weight of each of a document's study questions — the refusal calibration's
-        positives — without fitting anything (`benchmarks/study_refusal.py` measures refusal on many documents)."""
+        positives — without fitting anything (`benchmarks/study_refusal.py`: refusal on many documents)."""
         return self._route(*self._study(text, atoms), keys, atoms)
 
     def _study(self, text: str, atoms: list[AtomRecord]) -> tuple[list[Example], list[q.StudyQuestion]]:

@@ -197,7 +197,9 @@ def fit_document(model: nn.Module, targets: Sequence[Target], n_atoms: int, rank
 
 def fit_steps(config: FitConfig, examples: int) -> int:
     """`config.steps`, or as many steps as `config.passes` passes over the examples take."""
-    return config.steps if config.passes is None else max(1, math.ceil(config.passes * examples / config.batch_size))
+    if config.passes is None:
+        return config.steps
+    return max(1, math.ceil(config.passes * examples / config.batch_size))
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
