@@ -136,26 +136,33 @@ def test_study_compile_needs_no_checkpoint_caches_by_content_and_adds(tmp_path, 
     assert "compile into a new bank" in capsys.readouterr().err
 
 
-def test_adapter_shape_benchmark_measures_each_shape(tmp_path, tiny_model_dir, monkeypatch):
-    """benchmarks/study_shapes.py end to end on a tiny model: one row per shape, JSON and plot written."""
+def _run_benchmark(name: str, tmp_path, tiny_model_dir, monkeypatch, documents: int, probes: int, *args: str):
+    """benchmarks/<name>.py's main() on a synthetic dataset built with the tiny model as teacher; the module."""
+    import importlib
     import sys
     from pathlib import Path
 
     from training.data.build import BuildConfig, build_dataset
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import study_shapes
-
+    module = importlib.import_module(name)
     data = tmp_path / "data"
-    build_dataset(BuildConfig(source="synthetic", out=data, limit=3, teacher_model=str(tiny_model_dir),
-                              teacher_backend="transformers", top_k=4, probes_per_document=1))
+    build_dataset(BuildConfig(source="synthetic", out=data, limit=documents, teacher_model=str(tiny_model_dir),
+                              teacher_backend="transformers", top_k=4, probes_per_document=probes))
     split = json.loads((data / "questions.jsonl").read_text().splitlines()[0])["split"]
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--data", str(data), "--split", split,
+                                      "--model", str(tiny_model_dir), *args])
+    module.main()
+    return module
+
+
+def test_adapter_shape_benchmark_measures_each_shape(tmp_path, tiny_model_dir, monkeypatch):
+    """benchmarks/study_shapes.py end to end on a tiny model: one row per shape, JSON and plot written."""
     out = tmp_path / "shapes.json"
-    monkeypatch.setattr(sys, "argv", ["study_shapes.py", "--data", str(data), "--split", split, "--limit", "1",
-                                      "--model", str(tiny_model_dir), "--steps", "2", "--out", str(out),
-                                      "--work", str(tmp_path / "work"), "--shape", "down_proj:1:2",
-                                      "--shape", "down_proj:2:4"])
-    study_shapes.main()
+    study_shapes = _run_benchmark("study_shapes", tmp_path, tiny_model_dir, monkeypatch, 3, 1,
+                                  "--limit", "1", "--steps", "2", "--out", str(out),
+                                  "--work", str(tmp_path / "work"), "--shape", "down_proj:1:2",
+                                  "--shape", "down_proj:2:4")
     rows = json.loads(out.read_text())
     assert [(r["layers"], r["rank"]) for r in rows] == [(1, 2), (2, 4)]
     assert all(set(r["contains_percent"]) == set(r["gold_span_nll"]) == set(study_shapes.SETTINGS)
@@ -167,22 +174,8 @@ def test_adapter_shape_benchmark_measures_each_shape(tmp_path, tiny_model_dir, m
 def test_refusal_benchmark_calibrates_each_document_as_the_compiler_does(tmp_path, tiny_model_dir, monkeypatch):
     """benchmarks/study_refusal.py on a tiny model: every question scored against its document's calibrated
     threshold, off-topic probes refused far more often than answerable questions, JSON keyed by set."""
-    import sys
-    from pathlib import Path
-
-    from training.data.build import BuildConfig, build_dataset
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import study_refusal
-
-    data = tmp_path / "data"
-    build_dataset(BuildConfig(source="synthetic", out=data, limit=4, teacher_model=str(tiny_model_dir),
-                              teacher_backend="transformers", top_k=4, probes_per_document=2))
-    split = json.loads((data / "questions.jsonl").read_text().splitlines()[0])["split"]
     out = tmp_path / "refusal.json"
-    monkeypatch.setattr(sys, "argv", ["study_refusal.py", "--data", str(data), "--split", split,
-                                      "--model", str(tiny_model_dir), "--out", str(out)])
-    study_refusal.main()
+    _run_benchmark("study_refusal", tmp_path, tiny_model_dir, monkeypatch, 4, 2, "--out", str(out))
     (result,) = json.loads(out.read_text()).values()
     assert result["questions"]["answerable"] > 0 and result["questions"]["off_topic"] > 0
     refused = result["refused_percent"]

@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -291,7 +292,7 @@ class StudyCompiler:
         threshold = None
         if compiled and positives:
             keys = np.concatenate([c.tensors["keys"].numpy() for c in compiled])
-            sims = (self.encoder.encode(OFF_TOPIC_PROBES) @ keys.T).max(1)
+            sims = (self._probe_embeddings @ keys.T).max(1)
             threshold = refusal_threshold(positives, [head.weight(float(s), None, None, False) for s in sims])
         return BankSpec(**{**self.spec.__dict__, "router_head": asdict(replace(STUDY_HEAD, threshold=threshold))})
 
@@ -309,6 +310,11 @@ class StudyCompiler:
             stats["fit_loss_first"] = round(float(np.mean([f for f, _ in self.fit_losses])), 4)
             stats["fit_loss_last"] = round(float(np.mean([last for _, last in self.fit_losses])), 4)
         return stats
+
+    @cached_property
+    def _probe_embeddings(self) -> np.ndarray:
+        """The off-topic probes, encoded once (every bank of a many-bank eval is calibrated against them)."""
+        return self.encoder.encode(OFF_TOPIC_PROBES)
 
     # ---- content cache -------------------------------------------------------------------------------------
 
