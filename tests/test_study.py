@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from training.atomize.rules import RuleAtomizer, RuleAtomizerConfig
 from training.study import questions as q
 from training.study.fit import Composer, Example, FitConfig, fit_document, fit_steps, length_batches
 from training.study.generation import chat_prompt_ids, generate, split_common_prefix
@@ -121,6 +122,12 @@ def test_study_compile_needs_no_checkpoint_caches_by_content_and_adds(tmp_path, 
     # the same documents again: every one comes from the content cache
     assert main(["compile", *docs[:2], "--out", str(tmp_path / "again"), *common]) == 0
     assert json.loads(capsys.readouterr().out)["stage_seconds"]["cached_documents"] == 2
+    # ... unless the atomizer now cuts a document differently: its fit is stale (the other one stays cached)
+    with monkeypatch.context() as patched:
+        patched.setattr("training.compile.documents.RuleAtomizer",
+                        lambda: RuleAtomizer(RuleAtomizerConfig(split_clauses=False)))
+        assert main(["compile", *docs[:2], "--out", str(tmp_path / "recut"), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["stage_seconds"]["cached_documents"] == 1
     # existing bank without --overwrite / --add: a clear error, nothing touched
     assert main(["compile", docs[2], "--out", str(tmp_path / "bank"), *common]) == 2
     assert "--overwrite" in capsys.readouterr().err

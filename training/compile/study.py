@@ -126,7 +126,7 @@ class StudyCompiler:
             return None
         keys = torch.from_numpy(self.encoder.encode([a.retrieval_text or a.text for a in atoms])).float()
         rank = self.config.rank * (len(atoms) if self.monolithic else 1)
-        key = self._cache_key(text)
+        key = self._cache_key(text, atoms)
         cached = self._load(key)
         if cached is not None:
             tensors, positives = cached
@@ -318,10 +318,11 @@ class StudyCompiler:
 
     # ---- content cache -------------------------------------------------------------------------------------
 
-    def _cache_key(self, text: str) -> str:
+    def _cache_key(self, text: str, atoms: list[AtomRecord]) -> str:
+        # the atoms' texts too: the fit routes its questions over their keys, so a changed atomizer refits
         identity = {"v": STUDY_VERSION, "model": self.base.to_dict(), "atomizer": self.atomizer_name,
-                    "monolithic": self.monolithic,
-                    "config": asdict(self.config), "text": text}
+                    "monolithic": self.monolithic, "config": asdict(self.config), "text": text,
+                    "atoms": [(a.text, a.retrieval_text) for a in atoms]}
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     def _load(self, key: str) -> tuple[dict[str, torch.Tensor], list[float]] | None:
