@@ -319,7 +319,8 @@ class StudyCompiler:
     # ---- content cache -------------------------------------------------------------------------------------
 
     def _cache_key(self, text: str, atoms: list[AtomRecord]) -> str:
-        # the atoms' texts too: the fit routes its questions over their keys, so a changed atomizer refits
+        # the atoms too: a fit has one row per atom and routes its questions over their keys (a re-cut
+        # document refits)
         identity = {"v": STUDY_VERSION, "model": self.base.to_dict(), "atomizer": self.atomizer_name,
                     "monolithic": self.monolithic, "config": asdict(self.config), "text": text,
                     "atoms": [(a.text, a.retrieval_text) for a in atoms]}
