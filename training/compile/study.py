@@ -104,7 +104,6 @@ class StudyCompiler:
         self.encoder = SentenceTransformerEncoder()
         self.targets = self.config.targets(self.base)
         self.hooks = LoRAHooks(self.model, self.targets)
-        self.atomizer_name = atomizer
         # the Doc-to-LoRA baseline: ONE adapter per document, of rank = rank × its atoms (the same parameters),
         # fitted on all of the document's study questions
         self.monolithic = monolithic
@@ -319,10 +318,10 @@ class StudyCompiler:
     # ---- content cache -------------------------------------------------------------------------------------
 
     def _cache_key(self, text: str, atoms: list[AtomRecord]) -> str:
-        # the atoms too: a fit has one row per atom and routes its questions over their keys (a re-cut
-        # document refits)
-        identity = {"v": STUDY_VERSION, "model": self.base.to_dict(), "atomizer": self.atomizer_name,
-                    "monolithic": self.monolithic, "config": asdict(self.config), "text": text,
+        # the atoms, not the atomizer's name: a fit has one row per atom and routes its questions over their
+        # keys, so a document cut differently (another atomizer or version) refits
+        identity = {"v": STUDY_VERSION, "model": self.base.to_dict(), "monolithic": self.monolithic,
+                    "config": asdict(self.config), "text": text,
                     "atoms": [(a.text, a.retrieval_text) for a in atoms]}
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
