@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from vllm_doc2atom.files import atomic_write_text
+
 
 def join_documents(rows: list[dict], per_document: int, prefix: str) -> list[dict]:
     order = list(dict.fromkeys(r["document_id"] for r in rows))
@@ -37,10 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = [json.loads(line) for line in args.source.read_text().splitlines() if line.strip()]
     joined = join_documents(rows, args.per_document, args.out.stem)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in joined))
-    tmp.replace(args.out)
+    atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in joined))
     print(f"{len({r['document_id'] for r in joined})} long documents, {len(joined)} questions -> {args.out}")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_doc2atom.bank import atomic_write_text
+from vllm_doc2atom.files import atomic_write_text
 
 from .evaluate.scoring import RefusalScores, refusal_scores
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from vllm_doc2atom.files import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -73,17 +73,10 @@ def prepare_model(name: str = DEFAULT_MODEL, cache_dir: str | os.PathLike | None
     plain = AutoModelForCausalLM.from_config(type(gguf_model.config).from_dict(config), dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict(), strict=True)
 
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_directory(target) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / COMPLETE_MARKER).write_text(f"{entry.pip_name}:{entry.gguf_file}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("prepared %s in %.1f s: %s", name, time.perf_counter() - start, target)
     return target
 

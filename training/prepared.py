@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vllm_doc2atom.bank import make_readable
+from vllm_doc2atom.files import atomic_directory, make_readable
 
 from .student import AtomInputs, StudentExample
 
@@ -97,19 +96,13 @@ def save_prepared(folder: Path, key: str, table: AtomTable, items: list[Question
     meta = {"format": FORMAT, "ids": table.ids, "document_rows": table.document_rows,
             "items": [{"id": q.id, "document_id": q.document_id, "kind": q.kind, "split": q.split,
                        "positives": q.positives, "gold": q.gold} for q in items]}
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+    with atomic_directory(folder / key) as tmp:
         save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
         make_readable(tmp / "tensors.safetensors")
         (tmp / "prepared.json").write_text(json.dumps(meta))
-        for old in folder.iterdir():
+        for old in folder.iterdir():  # one cached preparation at a time
             if not old.name.startswith("."):
                 shutil.rmtree(old, ignore_errors=True)
-        tmp.rename(folder / key)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     size = (folder / key / "tensors.safetensors").stat().st_size
     logger.info("prepared inputs cached in %s (%.0f MB)", folder / key, size / 2**20)
 

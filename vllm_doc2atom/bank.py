@@ -27,8 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import BankError
+from .files import atomic_directory, atomic_write_text, make_readable, temp_name
 from .fingerprint import MODULE_PARENTS, BaseModelFingerprint
 
 if TYPE_CHECKING:
@@ -437,10 +436,8 @@ class AtomBank:
         path = Path(path)
         if path.exists() and not overwrite:
             raise BankError(f"{path} already exists (pass overwrite=True to replace it)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            (tmp / SHARDS_DIR).mkdir(parents=True)
+        with atomic_directory(path) as tmp:
+            (tmp / SHARDS_DIR).mkdir()
             if query_projection is not None:
                 from safetensors.numpy import save_file
 
@@ -450,16 +447,6 @@ class AtomBank:
             entries = [_write_shard(tmp, spec, doc) for doc in documents]
             _check_unique_documents(entries)
             _write_manifest(tmp, spec, entries)
-            if path.exists():
-                # Swap: rename the old bank aside, the new one in, then drop the old one.
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(path, old)
-                os.rename(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         logger.info("wrote atom bank %s", path)
         return cls.load(path)
 
@@ -610,7 +597,7 @@ def _write_shard(bank: Path, spec: BankSpec, doc: DocumentAtoms) -> dict[str, An
 
     shards = bank / SHARDS_DIR
     shards.mkdir(exist_ok=True)
-    tmp = shards / f".tmp-{uuid.uuid4().hex}"
+    tmp = temp_name(shards / "shard")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in doc.tensors.items()}, str(tmp),
                   metadata={"document_id": doc.document_id})
@@ -646,24 +633,6 @@ def _write_manifest(bank: Path, spec: BankSpec, entries: list[dict[str, Any]]) -
         "documents": entries,
     }
     atomic_write_text(bank / MANIFEST_NAME, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-
-
-def make_readable(path: Path) -> None:
-    """safetensors >= 0.7 creates files 0600; banks and checkpoints are often built by one user, served by another."""
-    os.chmod(path, 0o644)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so readers see the old or the new content, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _file_sha256(path: Path) -> str:

@@ -20,14 +20,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import BankError
+from .files import atomic_directory
 from .fingerprint import module_path
 
 if TYPE_CHECKING:
@@ -162,17 +161,7 @@ def save_peft_adapter(adapter: ComposedAdapter, root: str | os.PathLike) -> Path
     final = root / adapter.name
     if (final / "adapter_model.safetensors").is_file():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{adapter.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+    with atomic_directory(final, keep_existing=True) as tmp:  # an identical writer may win the race: fine
         (tmp / "adapter_config.json").write_text(json.dumps(adapter.config, indent=1) + "\n")
         save_file(adapter.tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "adapter_model.safetensors").is_file():  # lost a race to an identical writer: fine
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -12,9 +12,7 @@ import hashlib
 import html
 import json
 import logging
-import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from openai import AsyncOpenAI
 from tqdm.auto import tqdm
 
 from vllm_doc2atom.bank import ATOM_TYPES, AtomRecord
+from vllm_doc2atom.files import atomic_write_text
 
 from .spans import repair_span
 
@@ -183,15 +182,7 @@ def cache_key(text: str, model: str) -> str:
 
 
 def _write_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False))
 
 
 class LLMAtomizer:

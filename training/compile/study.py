@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_doc2atom.bank import AtomBank, AtomRecord, BankSpec, DocumentAtoms, Target, atomic_write_text
+from vllm_doc2atom.bank import AtomBank, AtomRecord, BankSpec, DocumentAtoms, Target
+from vllm_doc2atom.files import atomic_file, atomic_write_text
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
 from vllm_doc2atom.router import RouterHead
 
@@ -341,9 +342,8 @@ class StudyCompiler:
         if not self.config.cache:
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_dir / f".{key}.tmp.safetensors"
-        save_file(tensors, str(tmp))
-        tmp.replace(self.cache_dir / f"{key}.safetensors")
+        with atomic_file(self.cache_dir / f"{key}.safetensors") as tmp:
+            save_file(tensors, str(tmp))
         atomic_write_text(self.cache_dir / f"{key}.json", json.dumps({"positive_weights": positives}))
 
 

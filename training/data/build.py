@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -20,7 +19,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from vllm_doc2atom.bank import AtomRecord, atomic_write_text
+from vllm_doc2atom.bank import AtomRecord
+from vllm_doc2atom.files import atomic_file, atomic_write_text
 
 from ..atomize.rules import RuleAtomizer
 from .labels import label_question
@@ -127,11 +127,9 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
 
 
 def write_jsonl(path: Path, rows) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _read_jsonl(path: Path):

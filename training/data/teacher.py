@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from vllm_doc2atom.files import atomic_file
 from vllm_doc2atom.settings import DEFAULT_REFUSAL
 
 from .records import ANSWERABLE, Document, Question
@@ -203,11 +204,10 @@ def _write_part(out_dir: Path, records: list[tuple[Question, TeacherTarget, bool
         lines.append(json.dumps({"question_id": question.id, "part": name, "offset": offset,
                                  "length": len(target.tokens), "answer": answer, "refusal": refusal}))
         offset += len(target.tokens)
-    tmp = out_dir / f".{name}.tmp"
-    save_file({"tokens": torch.tensor(tokens, dtype=torch.int64).reshape(-1),
-               "topk_ids": torch.tensor(ids, dtype=torch.int64).reshape(len(tokens), k),
-               "topk_logprobs": torch.tensor(logprobs, dtype=torch.float32).reshape(len(tokens), k)}, str(tmp))
-    os.replace(tmp, out_dir / name)
+    with atomic_file(out_dir / name) as tmp:
+        save_file({"tokens": torch.tensor(tokens, dtype=torch.int64).reshape(-1),
+                   "topk_ids": torch.tensor(ids, dtype=torch.int64).reshape(len(tokens), k),
+                   "topk_logprobs": torch.tensor(logprobs, dtype=torch.float32).reshape(len(tokens), k)}, str(tmp))
     with open(out_dir / "index.jsonl", "a", encoding="utf-8") as index:
         index.write("\n".join(lines) + "\n")
         index.flush()

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vllm_doc2atom.bank import atomic_write_text
+from vllm_doc2atom.files import atomic_file, atomic_write_text
 
 COLUMNS = [("F1", "f1"), ("EM", "em"), ("contains", "contains"), ("refusal P", "refusal_precision"),
            ("refusal R", "refusal_recall"), ("refusal F1", "refusal_f1"),
@@ -69,10 +69,9 @@ def chart(results: dict[str, Any], path: Path) -> None:
     settings = results["settings"]
     fig.suptitle(f"doc2atom eval: {settings['model_dir']}, {settings['backend']} backend, {settings['split']} split")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_report(results: dict[str, Any], out: Path) -> str:
