@@ -10,7 +10,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from vllm_doc2atom.bank import AtomBank, AtomRecord, BankSpec, DocumentAtoms, Target  # noqa: E402
+from vllm_doc2atom.bank import AtomBank  # noqa: E402
+from vllm_doc2atom.bank_interface import AtomRecord, BankSpec, DocumentAtoms, Target  # noqa: E402
 from vllm_doc2atom.fingerprint import BaseModelFingerprint  # noqa: E402
 
 # The serving tests share one real server: its session fixtures live in serving.py.

@@ -9,9 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_doc2atom.bank import MANIFEST_NAME, AtomBank, AtomRecord, BankSpec, _file_sha256
+from vllm_doc2atom.bank import MANIFEST_NAME, AtomBank
+from vllm_doc2atom.bank_interface import AtomRecord, BankSpec
 from vllm_doc2atom.errors import BankError
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
+from vllm_doc2atom.shard_files import file_sha256
 
 from .conftest import make_document, make_spec
 
@@ -96,7 +98,7 @@ def _rewrite_shard(path: Path, mutate) -> None:
     tensors = load_file(shard)
     mutate(tensors)
     save_file(tensors, shard)
-    manifest["documents"][0]["sha256"] = _file_sha256(shard)
+    manifest["documents"][0]["sha256"] = file_sha256(shard)
     _write_manifest(path, manifest)
 
 
@@ -143,7 +145,7 @@ def _garbage_shard(p):
     manifest = _manifest(p)
     shard = p / manifest["documents"][0]["shard"]
     shard.write_bytes(b"not a safetensors file")
-    manifest["documents"][0]["sha256"] = _file_sha256(shard)
+    manifest["documents"][0]["sha256"] = file_sha256(shard)
     _write_manifest(p, manifest)
 
 

@@ -22,7 +22,8 @@ from vllm_doc2atom.bank_store import BankStore
 from vllm_doc2atom.bank_union import BankUnion
 from vllm_doc2atom.composer import compose
 from vllm_doc2atom.errors import BankError
-from vllm_doc2atom.router import _HEAD_FIELDS, Router, RouterConfig, RouterHead
+from vllm_doc2atom.router import Router, RouterConfig
+from vllm_doc2atom.router_head import _HEAD_FIELDS, RouterHead
 
 from .conftest import make_document, make_spec
 from .test_bank import BAD_BANKS, _rewrite_shard
@@ -523,7 +524,7 @@ def test_union_heads_must_match_but_thresholds_merge_to_the_lowest(tmp_path, tin
     assert union.spec.router_head["threshold"] == 0.1
     # cos 0.8 -> weight ~0.12: kept under the union's (loosest) threshold 0.1, as in "loose" alone
     assert len(Router(FixedEncoder()).route(union, "q").kept) == 6
-    assert len(Router(FixedEncoder(), RouterConfig(threshold=0.3)).route(union, "q").kept) == 3  # the server's
+    assert len(Router(FixedEncoder(), RouterConfig(threshold_override=0.3)).route(union, "q").kept) == 3  # the server's
     assert BankUnion([banks["uncalibrated"]]).spec.router_head["threshold"] is None
     with pytest.raises(BankError, match=r"router heads differ in \['sim_scale'\]") as err:
         BankUnion([banks["strict"], banks["other"]], ["strict", "other"])

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from training.atomize.llm import LLMAtomizer, LLMAtomizerConfig, parse_atoms_xml
-from vllm_doc2atom.bank import AtomRecord
+from vllm_doc2atom.bank_interface import AtomRecord
 
 DOC = "The Eiffel Tower is 330 metres tall.\nIt was completed in 1889 for the World's Fair."
 

@@ -11,7 +11,8 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from vllm_doc2atom.openai_io import RequestError, extract_question, refusal_body, with_evidence
+from vllm_doc2atom.errors import RequestError
+from vllm_doc2atom.openai_io import extract_question, refusal_body, with_evidence
 from vllm_doc2atom.responses_io import (
     responses_prepend,
     responses_question,

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_doc2atom.bank import ATOM_TYPES, AtomBank
+from vllm_doc2atom.bank import AtomBank
+from vllm_doc2atom.bank_interface import ATOM_TYPES
 from vllm_doc2atom.errors import BankError
 from vllm_doc2atom.key_index import KeyIndex, KeyIndexConfig
-from vllm_doc2atom.router import DEFAULT_THRESHOLD, Router, RouterConfig, RouterHead
+from vllm_doc2atom.router import Router, RouterConfig
+from vllm_doc2atom.router_head import DEFAULT_THRESHOLD, RouterHead
 
 from .conftest import EXAMPLE_DOCS, make_document, make_spec
 
@@ -63,33 +65,34 @@ def test_in_scope_questions_route_to_their_atom_and_off_topic_is_refused(docs_ba
 
 def test_threshold_top_k_and_max_atoms(docs_bank, encoder):
     question = "Tell me about the Brightwater Observatory telescope."
-    loose = Router(encoder, RouterConfig(top_k=10, threshold=0.0)).route(docs_bank, question)
+    loose = Router(encoder, RouterConfig(top_k=10, threshold_override=0.0)).route(docs_bank, question)
     assert len(loose.kept) == 10
-    everything = Router(encoder, RouterConfig(top_k=100, threshold=0.0)).route(docs_bank, question)
+    everything = Router(encoder, RouterConfig(top_k=100, threshold_override=0.0)).route(docs_bank, question)
     assert len(everything.kept) == len(docs_bank) == 19
-    capped = Router(encoder, RouterConfig(top_k=10, threshold=0.0, max_atoms=3)).route(docs_bank, question)
+    capped = Router(encoder, RouterConfig(top_k=10, threshold_override=0.0, max_atoms_cap=3)).route(docs_bank, question)
     assert [r.index for r in capped.kept] == [r.index for r in loose.kept[:3]]
-    strict = Router(encoder, RouterConfig(top_k=10, threshold=0.9999)).route(docs_bank, question)
+    strict = Router(encoder, RouterConfig(top_k=10, threshold_override=0.9999)).route(docs_bank, question)
     assert len(strict.kept) < len(loose.kept)
 
 
 def test_stage2_reranker_and_metadata_bias_reorder(docs_bank, encoder):
     question = "How tall is the Amber Needle lighthouse?"
-    base = Router(encoder, RouterConfig(threshold=0.0)).route(docs_bank, question)
+    base = Router(encoder, RouterConfig(threshold_override=0.0)).route(docs_bank, question)
     last = base.kept[-1]
 
     def reranker(query, texts):
         assert query == question
         return np.array([10.0 if t == last.atom.text else -10.0 for t in texts])
 
-    reranked = Router(encoder, RouterConfig(threshold=0.0, stage2=True), reranker=reranker).route(docs_bank, question)
+    reranking = Router(encoder, RouterConfig(threshold_override=0.0, stage2=True), reranker=reranker)
+    reranked = reranking.route(docs_bank, question)
     assert reranked.kept[0].index == last.index and reranked.kept[0].rerank_score == 10.0
 
     # Type priors that veto every type empty the result...
     veto = RouterHead(type_bias={t: -100.0 for t in ATOM_TYPES})
-    assert Router(encoder, RouterConfig(stage2=True, head=veto)).route(docs_bank, question).refused
+    assert Router(encoder, RouterConfig(stage2=True, default_head=veto)).route(docs_bank, question).refused
     # ...but stage-2 terms are ignored while stage 2 is off.
-    assert not Router(encoder, RouterConfig(head=veto)).route(docs_bank, question).refused
+    assert not Router(encoder, RouterConfig(default_head=veto)).route(docs_bank, question).refused
 
 
 def test_conflict_group_keeps_only_the_strongest(tmp_path, tiny_model_dir):
@@ -98,7 +101,7 @@ def test_conflict_group_keeps_only_the_strongest(tmp_path, tiny_model_dir):
     doc.tensors["keys"] = torch.tensor([[1.0, 0, 0, 0], [0.9, 0.1, 0, 0], [0.8, 0.2, 0, 0]])
     doc.atoms[0].conflict_group = doc.atoms[1].conflict_group = "founding-year"
     bank = AtomBank.create(tmp_path / "b", spec, [doc])
-    result = Router(FixedEncoder(), RouterConfig(threshold=0.0)).route(bank, "q")
+    result = Router(FixedEncoder(), RouterConfig(threshold_override=0.0)).route(bank, "q")
     assert [r.index for r in result.kept] == [0, 2]
     assert {r.index for r in result.candidates} == {0, 1, 2}
 
@@ -123,7 +126,8 @@ def test_a_banks_calibrated_threshold_applies_unless_the_server_sets_one(tmp_pat
     calibrated_head = dataclasses.asdict(dataclasses.replace(head, threshold=0.1))
     calibrated = AtomBank.create(tmp_path / "calibrated", dataclasses.replace(spec, router_head=calibrated_head), [doc])
     assert [r.index for r in Router(FixedEncoder()).route(calibrated, "q").kept] == [0, 1]
-    assert Router(FixedEncoder(), RouterConfig(threshold=0.9)).route(calibrated, "q").refused  # the server's wins
+    server_wins = Router(FixedEncoder(), RouterConfig(threshold_override=0.9))
+    assert server_wins.route(calibrated, "q").refused
 
 
 def test_key_space_mismatch_is_a_bank_error(bank, encoder):
@@ -148,7 +152,7 @@ def test_a_malformed_router_head_is_a_bank_error(tiny_model_dir):
 def test_max_gap_drops_atoms_far_below_the_best_match(docs_bank, encoder):
     question = "How tall is the Amber Needle lighthouse?"
     plain = Router(encoder).route(docs_bank, question)
-    gapped = Router(encoder, RouterConfig(head=RouterHead(max_gap=0.1))).route(docs_bank, question)
+    gapped = Router(encoder, RouterConfig(default_head=RouterHead(max_gap=0.1))).route(docs_bank, question)
     best = plain.kept[0].similarity
     assert any(r.similarity < best - 0.1 for r in plain.kept)  # the question routes far-below-top atoms too
     assert [r.index for r in gapped.kept] == [r.index for r in plain.kept if r.similarity >= best - 0.1]
@@ -159,10 +163,10 @@ def test_max_gap_drops_atoms_far_below_the_best_match(docs_bank, encoder):
 
 def test_same_document_keeps_only_the_best_atoms_document(docs_bank, encoder):
     question = "How tall is the Amber Needle lighthouse?"
-    plain = Router(encoder, RouterConfig(head=RouterHead(max_atoms=3))).route(docs_bank, question)
+    plain = Router(encoder, RouterConfig(default_head=RouterHead(max_atoms=3))).route(docs_bank, question)
     assert len({r.atom.document_id for r in plain.kept}) > 1  # the question routes another document's atoms too
     head = RouterHead(max_atoms=3, same_document=True)
-    kept = Router(encoder, RouterConfig(head=head)).route(docs_bank, question).kept
+    kept = Router(encoder, RouterConfig(default_head=head)).route(docs_bank, question).kept
     assert kept and kept[0].index == plain.kept[0].index
     assert {r.atom.document_id for r in kept} == {plain.kept[0].atom.document_id}
     assert RouterHead.from_dict({"same_document": True}).same_document is True

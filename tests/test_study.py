@@ -12,7 +12,8 @@ from training.atomize.rules import RuleAtomizer, RuleAtomizerConfig
 from training.study import questions as q
 from training.study.fit import Composer, Example, FitConfig, fit_document, fit_steps, length_batches
 from training.study.generation import chat_prompt_ids, generate, split_common_prefix
-from vllm_doc2atom.bank import AtomBank, Target
+from vllm_doc2atom.bank import AtomBank
+from vllm_doc2atom.bank_interface import Target
 
 from .conftest import EXAMPLE_DOCS
 

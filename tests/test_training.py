@@ -32,7 +32,7 @@ def setup(dataset, tiny_model_dir, encoder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training.model import CompilerConfig, MemoryCompiler
-    from vllm_doc2atom.bank import Target
+    from vllm_doc2atom.bank_interface import Target
     from vllm_doc2atom.fingerprint import BaseModelFingerprint
 
     config = TrainConfig(data=str(dataset), model=str(tiny_model_dir), **TINY)
@@ -291,7 +291,8 @@ def test_compile_route_compose_and_peft_match_the_training_path(tmp_path, datase
     bank = AtomBank.load(tmp_path / "bank", expect_base=BaseModelFingerprint.from_model_dir(tiny_model_dir))
     assert bank.spec.router_head and "+proj-" in bank.spec.key_encoder
     assert bank.spec.router_head["threshold"] == calibration["threshold"]  # the server refuses as calibrated
-    result = Router(encoder_for(bank), RouterConfig(threshold=0.0, top_k=3)).route(bank, "Who wrote the protocol?")
+    router = Router(encoder_for(bank), RouterConfig(threshold_override=0.0, top_k=3))
+    result = router.route(bank, "Who wrote the protocol?")
     adapter = compose(bank, result.selection)
     folder = save_peft_adapter(adapter, tmp_path / "adapters")
 
@@ -360,8 +361,8 @@ def test_learned_router_head_exports_exactly_what_the_server_applies():
     from dataclasses import asdict
 
     from training.model import LearnedRouterHead
-    from vllm_doc2atom.bank import ATOM_TYPES, AtomRecord
-    from vllm_doc2atom.router import RouterHead
+    from vllm_doc2atom.bank_interface import ATOM_TYPES, AtomRecord
+    from vllm_doc2atom.router_head import RouterHead
 
     head = LearnedRouterHead()
     with torch.no_grad():

@@ -61,7 +61,7 @@ def top_weights(checkpoint: str | Path, data: str | Path, split: str) -> tuple[l
 
     _, documents, items = load_items(data, split, None, 0)
     compile_one = AmortizedCompiler(checkpoint)
-    routers = RouterPool(RouterConfig(threshold=0.0))
+    routers = RouterPool(RouterConfig(threshold_override=0.0))
     answerable, refusable = [], []
     with tempfile.TemporaryDirectory(prefix="doc2atom-calibrate-") as scratch:
         for i, (doc_id, text) in enumerate(tqdm(documents.items(), desc="calibrate", unit="doc")):

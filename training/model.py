@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from vllm_doc2atom.bank import ATOM_TYPES, Target
+from vllm_doc2atom.bank_interface import ATOM_TYPES, Target
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
-from vllm_doc2atom.router import RouterHead
+from vllm_doc2atom.router_head import RouterHead
 
 from .student import AtomInputs
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vllm_doc2atom.bank import Target
+from vllm_doc2atom.bank_interface import Target
 from vllm_doc2atom.fingerprint import module_path
 
 

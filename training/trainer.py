@@ -26,8 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from vllm_doc2atom.bank import ATOM_TYPES, Target, make_readable
+from vllm_doc2atom.bank_interface import ATOM_TYPES, Target
 from vllm_doc2atom.composer import stack_factors
+from vllm_doc2atom.files import make_readable
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
 
 from . import losses

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_doc2atom.bank import AtomBank, BankSpec, DocumentAtoms, Target
+from vllm_doc2atom.bank import AtomBank
+from vllm_doc2atom.bank_interface import BankSpec, DocumentAtoms, Target
 from vllm_doc2atom.encoders import QueryEncoder
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
 

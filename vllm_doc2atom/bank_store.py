@@ -17,7 +17,7 @@ from typing import Any
 
 from .bank import MANIFEST_NAME, AtomBank
 from .bank_union import BankUnion
-from .errors import BankError
+from .errors import BankError, BankErrorKind
 from .fingerprint import BaseModelFingerprint
 
 logger = logging.getLogger(__name__)
@@ -47,21 +47,23 @@ class BankStore:
         """The bank folder a request names, refusing anything that is not a plain path inside the root."""
         if not isinstance(name, str) or not name.strip():
             raise BankError("`atom_bank` must be a non-empty string naming a bank under the server's bank root",
-                            kind="bad_request")
+                            kind=BankErrorKind.BAD_REQUEST)
         shown = _shown(name)
         if len(name) > MAX_NAME_CHARS:  # first: the checks below walk every character
-            raise BankError(f"atom_bank {shown} is longer than {MAX_NAME_CHARS} characters", kind="bad_request")
+            raise BankError(f"atom_bank {shown} is longer than {MAX_NAME_CHARS} characters",
+                            kind=BankErrorKind.BAD_REQUEST)
         if any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in name):  # NUL, newlines, bidi, surrogates
-            raise BankError(f"atom_bank {shown} contains control or invisible characters", kind="bad_request")
+            raise BankError(f"atom_bank {shown} contains control or invisible characters",
+                            kind=BankErrorKind.BAD_REQUEST)
         parts = name.split("/")
         if name.startswith("/") or "\\" in name or any(part in ("..", "") for part in parts):
             raise BankError(f"atom_bank {shown} must be a relative path inside the bank root, without '..'",
-                            kind="bad_request")
+                            kind=BankErrorKind.BAD_REQUEST)
         if any(part.startswith(".") for part in parts):  # e.g. the temp and old folders of atomic writes
-            raise BankError(f"atom_bank {shown} names a hidden folder", kind="bad_request")
+            raise BankError(f"atom_bank {shown} names a hidden folder", kind=BankErrorKind.BAD_REQUEST)
         if any(len(part.encode()) > MAX_COMPONENT_BYTES for part in parts):
             raise BankError(f"atom_bank {shown} has a path component longer than {MAX_COMPONENT_BYTES} bytes",
-                            kind="bad_request")
+                            kind=BankErrorKind.BAD_REQUEST)
         try:
             root = self.root.resolve()
             path = (root / PurePosixPath(name)).resolve()  # follows symlinks: a link pointing out is caught
@@ -70,14 +72,15 @@ class BankStore:
         except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a path too long for the OS
             logger.info("doc2atom: atom_bank %s does not resolve: %s", shown, exc)  # paths: log only
             if isinstance(exc, OSError) and exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
-                raise BankError(f"unknown atom bank {shown}", kind="not_found") from exc  # e.g. no permission
+                raise BankError(f"unknown atom bank {shown}",
+                                kind=BankErrorKind.NOT_FOUND) from exc  # e.g. no permission
             # (Python < 3.13 reports a symlink loop as RuntimeError)
             raise BankError(f"atom_bank {shown} cannot be resolved (a symlink loop, or too long)",
-                            kind="bad_request") from exc
+                            kind=BankErrorKind.BAD_REQUEST) from exc
         if not inside:
-            raise BankError(f"atom_bank {shown} points outside the bank root", kind="bad_request")
+            raise BankError(f"atom_bank {shown} points outside the bank root", kind=BankErrorKind.BAD_REQUEST)
         if not is_dir:
-            raise BankError(f"unknown atom bank {shown}", kind="not_found")
+            raise BankError(f"unknown atom bank {shown}", kind=BankErrorKind.NOT_FOUND)
         return path
 
     def get(self, name: Any, check_shards: bool | None = None) -> AtomBank:
@@ -97,14 +100,14 @@ class BankStore:
                         self._checked[path] = now
                     return bank
                 except BankError as exc:
-                    if exc.kind != "stale":
+                    if exc.kind != BankErrorKind.STALE:
                         raise
             for attempt in range(LOAD_ATTEMPTS):
                 try:
                     bank = AtomBank.load(path, expect_base=self.served_model, name=name)
                     break
                 except BankError as exc:  # "stale": a writer swapped the manifest while we read it
-                    if exc.kind != "stale" or attempt == LOAD_ATTEMPTS - 1:
+                    if exc.kind != BankErrorKind.STALE or attempt == LOAD_ATTEMPTS - 1:
                         raise
             self._cache[path] = bank
             self._checked[path] = time.monotonic()
@@ -119,7 +122,7 @@ class BankStore:
             try:
                 return self.resolve(name)
             except BankError as exc:
-                if exc.kind != "not_found" or time.monotonic() > deadline:
+                if exc.kind != BankErrorKind.NOT_FOUND or time.monotonic() > deadline:
                     raise
                 target = self.root / name
                 aside = f".{target.name}.old-"
@@ -130,14 +133,15 @@ class BankStore:
     def get_many(self, names: Any) -> BankUnion:
         """Several banks (1 to MAX_UNION_BANKS names, each resolved like get()) routed as one."""
         if not isinstance(names, list) or not 1 <= len(names) <= MAX_UNION_BANKS:
-            raise BankError(f"name a list of 1 to {MAX_UNION_BANKS} atom banks", kind="bad_request")
+            raise BankError(f"name a list of 1 to {MAX_UNION_BANKS} atom banks",
+                            kind=BankErrorKind.BAD_REQUEST)
         seen: dict[Path, str] = {}
         for name in names:
             path = self._resolve_through_swaps(name)
             if path in seen:
                 twice = f"{_shown(name)} is named twice" if seen[path] == name else \
                     f"{_shown(seen[path])} and {_shown(name)} are the same bank"
-                raise BankError(f"atom banks: {twice}", kind="bad_request")
+                raise BankError(f"atom banks: {twice}", kind=BankErrorKind.BAD_REQUEST)
             seen[path] = name
         banks = [self.get(name) for name in names]
         key = tuple(names)

@@ -1,10 +1,10 @@
 """Several loaded atom banks presented as one, so one question can route over (and compose from) all.
 
-A union's rows are its members' rows in order: member 0's atoms, then member 1's, and so on. It has
-everything Router, RouterPool, encoder_for, compose and adapter_identity use from an AtomBank. Banks
-can be combined only when their atoms fit one LoRA and their keys one key space: same base model,
-targets, micro rank, LoRA scaling, key encoder and query projection, and the same router head up to
-its threshold (the union refuses least: it takes the lowest member threshold).
+A union's rows are its members' rows in order: member 0's atoms, then member 1's, and so on. Like an
+AtomBank, it is a RoutableBank (bank_interface.py). Banks can be combined only when their atoms fit one LoRA
+and their keys one key space: same base model, targets, micro rank, LoRA scaling, key encoder and query
+projection, and the same router head up to its threshold (the union refuses least: it takes the lowest
+member threshold).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .bank import AtomBank, AtomRecord, BankSpec, Target
-from .errors import BankError
+from .bank import AtomBank
+from .bank_interface import AtomRecord, BankSpec, Target
+from .errors import BankError, BankErrorKind
+from .router_head import RouterHead
 
 if TYPE_CHECKING:
     import torch
@@ -31,12 +33,13 @@ class BankUnion:
         """`names`: how provenance and messages name each member (default: each bank's own name)."""
         names = [b.name for b in banks] if names is None else list(names)
         if not banks:
-            raise BankError("name at least one atom bank", kind="bad_request")
+            raise BankError("name at least one atom bank", kind=BankErrorKind.BAD_REQUEST)
         if len(names) != len(banks):
             raise ValueError(f"{len(banks)} banks but {len(names)} names")
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise BankError(f"atom banks named more than once: {[n[:80] for n in twice]}", kind="bad_request")
+            raise BankError(f"atom banks named more than once: {[n[:80] for n in twice]}",
+                            kind=BankErrorKind.BAD_REQUEST)
         first = banks[0]
         projection = first.query_projection()
         for name, bank in zip(names[1:], banks[1:]):
@@ -45,7 +48,7 @@ class BankUnion:
                 problem = "their query projections differ"
             if problem:
                 raise BankError(f"atom banks {names[0]!r} and {name!r} cannot be routed together: {problem}",
-                                kind="bad_request")
+                                kind=BankErrorKind.BAD_REQUEST)
         self.banks = list(banks)
         self.names = names
         self.name = "+".join(names)
@@ -147,8 +150,6 @@ def _incompatibility(a: BankSpec, b: BankSpec) -> str | None:
 
 
 def _head_difference(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str | None:
-    from .router import RouterHead
-
     if (a is None) != (b is None):
         return "one has a trained router head and the other has none (only the threshold may differ)"
     if a is None or b is None:

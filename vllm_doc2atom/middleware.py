@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .asgi import Receive, Scope, Send, parse_json, read_body, replay, rewriting_json, send_body
-from .errors import BankError
+from .errors import BankError, BankErrorKind, RequestError
 from .openai_io import (
     RESPONSE_OBJECTS,
     ROUTED_PATHS,
-    RequestError,
     error_body,
     extract_question,
     refusal_body,
@@ -45,7 +44,6 @@ MODELS_PATH = "/v1/models"
 GUARDED_PREFIX = "/v1"  # where vLLM checks the API key (vllm.entrypoints.serve.middleware.authenticate)
 PROVENANCE_HEADER = b"x-doc2atom-provenance"
 PLUGIN_FIELDS = ("atom_bank", "atom_evidence")
-BANK_ERROR_STATUS = {"not_found": 404, "bad_request": 400, "mismatch": 409, "invalid": 422, "stale": 409}
 COMPOSED_NAME = re.compile(r"d2a-[0-9a-f]{24}")
 # The router reads at most this much of a question: a sentence encoder truncates far earlier, and a
 # multi-megabyte question must not cost seconds of CPU before vLLM's own length check answers it.
@@ -113,7 +111,7 @@ class Doc2AtomMiddleware:
         try:
             await self._serve(rt, scope, receive, tracking_send, kind, payload)
         except (RequestError, BankError) as exc:
-            status = exc.status if isinstance(exc, RequestError) else BANK_ERROR_STATUS.get(exc.kind, 400)
+            status = exc.status if isinstance(exc, RequestError) else exc.kind.http_status
             param = exc.param if isinstance(exc, RequestError) else "atom_bank"
             _metrics().requests.labels("error").inc()
             logger.info("doc2atom: %d %s", status, str(exc)[:500])
@@ -147,72 +145,51 @@ class Doc2AtomMiddleware:
                 return await self._answer(rt, scope, receive, send, kind, payload, bank_names, question,
                                           use_evidence)
             except BankError as exc:
-                if exc.kind != "stale" or attempt:
+                if exc.kind != BankErrorKind.STALE or attempt:
                     raise
                 logger.info("doc2atom: bank changed while answering, routing again: %s", exc)
 
     async def _answer(self, rt: _Runtime, scope: Scope, receive: Receive, send: Send, kind: str,
                       payload: dict[str, Any], bank_names: Any, question: str, use_evidence: str) -> None:
         from .adapter_registry import AdapterRejected
-        from .composer import adapter_identity, compose, fit_rank_budget
+        from .answer_plan import Action, plan_answer
+        from .composer import compose
 
-        several = isinstance(bank_names, list)
-        bank = await asyncio.to_thread(rt.banks.get_many if several else rt.banks.get, bank_names)
+        get = rt.banks.get_many if isinstance(bank_names, list) else rt.banks.get
+        bank = await asyncio.to_thread(get, bank_names)
         start = time.perf_counter()
         result = await asyncio.to_thread(rt.routers.route, bank, question)
         _metrics().route_seconds.observe(time.perf_counter() - start)
+        settings = rt.settings
+        plan = plan_answer(bank, bank_names, result, use_evidence, settings.on_refusal, settings.max_lora_rank)
+        if plan.action is not Action.ADAPTER:
+            _metrics().requests.labels("refused" if result.refused else "routed").inc()
+            logger.info("doc2atom bank=%s atoms=%d refused=%s mode=%s", bank_names, len(result.kept),
+                        result.refused, plan.action.value)
+            if plan.action is Action.REFUSE:
+                return await _send_refusal(send, kind, payload, settings.refusal_message, plan.provenance)
+            if plan.evidence:
+                payload = with_evidence(kind, payload, plan.evidence)
+            return await self._forward(scope, receive, send, payload, plan.provenance)
 
-        def atom_provenance(routed: Any) -> dict[str, Any]:
-            return routed.provenance(bank.bank_name_of(routed.index) if several else None)
-
-        provenance: dict[str, Any] = {"atom_bank": bank_names, "refused": result.refused,
-                                      "atoms": [atom_provenance(r) for r in result.kept]}
-        if result.refused:
-            _metrics().requests.labels("refused").inc()
-            logger.info("doc2atom bank=%s atoms=0 refused=True mode=%s", bank_names, rt.settings.on_refusal)
-            if rt.settings.on_refusal == "refuse":
-                return await _send_refusal(send, kind, payload, rt.settings.refusal_message, provenance)
-            return await self._forward(scope, receive, send, payload, provenance)
-        if use_evidence == "only":  # the base model reads the routed atoms: nothing composed
-            _metrics().requests.labels("routed").inc()
-            logger.info("doc2atom bank=%s atoms=%d refused=False evidence=only", bank_names, len(result.kept))
-            provenance["evidence"] = "only"
-            payload = with_evidence(kind, payload, [r.atom.text for r in result.kept])
-            return await self._forward(scope, receive, send, payload, provenance)
-
-        used, dropped = fit_rank_budget(result.selection, bank.spec.micro_rank, rt.settings.max_lora_rank)
-        if not used:
-            raise RequestError(f"atoms of bank {bank_names!r} have rank {bank.spec.micro_rank}, above the server's "
-                               f"--max-lora-rank {rt.settings.max_lora_rank}", status=409, param="atom_bank")
-        name, int_id = adapter_identity(bank.fingerprint, used)
-        kept_rows = {row for row, _ in used}
-        kept = [r for r in result.kept if r.index in kept_rows]
-        provenance["atoms"] = [atom_provenance(r) for r in kept]
-        if dropped:
-            provenance["dropped_for_rank"] = [bank.atoms[row].id for row, _ in dropped]
         start = time.perf_counter()
         try:
-            lora, hit = await rt.registry.acquire(name, int_id, lambda: compose(bank, used, rt.settings.max_lora_rank))
+            lora, hit = await rt.registry.acquire(plan.adapter_name, plan.adapter_id,
+                                                  lambda: compose(bank, plan.selection, settings.max_lora_rank))
         except AdapterRejected as exc:
             raise RequestError(str(exc), status=500) from exc
         compose_ms = (time.perf_counter() - start) * 1e3
-        metrics = _metrics()
-        metrics.requests.labels("routed").inc()
-        metrics.adapter_cache.labels("hit" if hit else "miss").inc()
-        metrics.atoms.observe(len(used))
-        if not hit:
-            metrics.compose_seconds.observe(compose_ms / 1e3)
-        provenance.update(adapter=name, rank=len(used) * bank.spec.micro_rank, cache_hit=hit)
+        _record_adapter_use(len(plan.selection), hit, compose_ms)
+        plan.provenance["cache_hit"] = hit
         logger.info("doc2atom bank=%s atoms=%d refused=False compose_ms=%.1f cache_hit=%s adapter=%s",
-                    bank_names, len(used), compose_ms, hit, name)
+                    bank_names, len(plan.selection), compose_ms, hit, plan.adapter_name)
         payload["model"] = lora.lora_name
-        if use_evidence == "with-adapter":
-            payload = with_evidence(kind, payload, [r.atom.text for r in kept])
-            provenance["evidence"] = True
+        if plan.evidence:
+            payload = with_evidence(kind, payload, plan.evidence)
         try:
-            await self._forward(scope, receive, send, payload, provenance)
+            await self._forward(scope, receive, send, payload, plan.provenance)
         finally:
-            await rt.registry.release(name)
+            await rt.registry.release(plan.adapter_name)
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, payload: dict[str, Any],
                        provenance: dict[str, Any]) -> None:
@@ -263,7 +240,7 @@ class Doc2AtomMiddleware:
             claim_adapter_dir(settings.adapter_dir)
             registry = AdapterRegistry(settings.adapter_dir, settings.adapter_cache_size, state.engine_client,
                                        state.openai_serving_models, remove_from_engine=not settings.shared_engine)
-            routers = RouterPool(RouterConfig(top_k=settings.top_k, threshold=settings.threshold,
+            routers = RouterPool(RouterConfig(top_k=settings.top_k, threshold_override=settings.threshold,
                                               stage2=settings.stage2))
             self._runtime = _Runtime(settings, BankStore(settings.bank_root, served), registry, routers)
             _log_like_vllm()
@@ -292,6 +269,15 @@ def _metrics():
     from .metrics import metrics
 
     return metrics()
+
+
+def _record_adapter_use(atoms: int, cache_hit: bool, compose_ms: float) -> None:
+    metrics = _metrics()
+    metrics.requests.labels("routed").inc()
+    metrics.adapter_cache.labels("hit" if cache_hit else "miss").inc()
+    metrics.atoms.observe(atoms)
+    if not cache_hit:
+        metrics.compose_seconds.observe(compose_ms / 1e3)
 
 
 async def _send_refusal(send: Send, kind: str, payload: dict[str, Any], message: str,

@@ -8,21 +8,12 @@ import uuid
 from http import HTTPStatus
 from typing import Any
 
-from .errors import Doc2AtomError
+from .errors import RequestError
 
 # Routes whose requests may name an atom bank, and the response object each produces.
 ROUTED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/responses": "responses"}
 # Where the refusal and the provenance go in a response body of each kind.
 RESPONSE_OBJECTS = ("chat.completion", "text_completion", "response")
-
-
-class RequestError(Doc2AtomError):
-    """A request the plugin cannot serve; answered as an OpenAI-style error with this status."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.param = param
 
 
 def extract_question(kind: str, payload: dict[str, Any]) -> str:

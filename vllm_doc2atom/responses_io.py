@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any
 
-from .openai_io import RequestError
+from .errors import RequestError
 
 _LOGPROBS = "message.output_text.logprobs"
 _NO_TEXT = "a request with `atom_bank` needs a user message with text to route in `input`"

@@ -1,1 +1,1 @@
-"""Atomizers: documents -> typed knowledge atoms (vllm_doc2atom.bank.AtomRecord) with verified char spans."""
+"""Atomizers: documents -> typed knowledge atoms (vllm_doc2atom.bank_interface.AtomRecord) with verified char spans."""

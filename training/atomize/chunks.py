@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from vllm_doc2atom.bank import AtomRecord
+from vllm_doc2atom.bank_interface import AtomRecord
 
 
 class ChunkAtomizer:

@@ -23,7 +23,7 @@ import openai
 from openai import AsyncOpenAI
 from tqdm.auto import tqdm
 
-from vllm_doc2atom.bank import ATOM_TYPES, AtomRecord
+from vllm_doc2atom.bank_interface import ATOM_TYPES, AtomRecord
 from vllm_doc2atom.files import atomic_write_text
 
 from .spans import repair_span

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from vllm_doc2atom.bank import AtomRecord
+from vllm_doc2atom.bank_interface import AtomRecord
 
 # A sentence ends at . ! ? followed by whitespace (so "3.2 meters" stays whole) or at a line break;
 # a period after a title abbreviation ("Dr. Okafor") does not end it.

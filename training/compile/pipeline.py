@@ -12,7 +12,8 @@ from typing import Protocol
 
 from tqdm import tqdm
 
-from vllm_doc2atom.bank import AtomBank, BankSpec, DocumentAtoms
+from vllm_doc2atom.bank import AtomBank
+from vllm_doc2atom.bank_interface import BankSpec, DocumentAtoms
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_doc2atom.bank import AtomBank, AtomRecord, BankSpec, DocumentAtoms, Target
+from vllm_doc2atom.bank import AtomBank
+from vllm_doc2atom.bank_interface import AtomRecord, BankSpec, DocumentAtoms, Target
 from vllm_doc2atom.files import atomic_file, atomic_write_text
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
-from vllm_doc2atom.router import RouterHead
+from vllm_doc2atom.router_head import RouterHead
 
 from ..calibrate import best_threshold
 from ..data.teacher import teacher_messages

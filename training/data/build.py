@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from vllm_doc2atom.bank import AtomRecord
+from vllm_doc2atom.bank_interface import AtomRecord
 from vllm_doc2atom.files import atomic_file, atomic_write_text
 
 from ..atomize.rules import RuleAtomizer

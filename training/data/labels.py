@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from vllm_doc2atom.bank import AtomRecord
+from vllm_doc2atom.bank_interface import AtomRecord
 
 from .records import ANSWERABLE, Question
 

@@ -104,7 +104,7 @@ class TransformersBackend:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.work_dir, self.max_tokens, self.max_lora_rank = work_dir, max_tokens, max_lora_rank
         self.banks = BankStore(work_dir / "banks")
-        self.routers = RouterPool(RouterConfig(top_k=top_k, threshold=threshold))
+        self.routers = RouterPool(RouterConfig(top_k=top_k, threshold_override=threshold))
         self.scratch = Path(tempfile.mkdtemp(prefix="doc2atom-eval-adapters-"))
 
     def __enter__(self) -> TransformersBackend:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vllm_doc2atom.bank import Target
+from vllm_doc2atom.bank_interface import Target
 from vllm_doc2atom.composer import stack_factors
 
 from .. import losses
