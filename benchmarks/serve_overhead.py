@@ -19,6 +19,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,11 +31,13 @@ import openai
 from training.demo import EXAMPLE_DOCS
 from training.models import prepare_model
 from training.serve_process import vllm_server
-from training.untrained_bank import build_untrained_bank, default_spec
 from vllm_doc2atom.bank import AtomBank
 from vllm_doc2atom.composer import compose, save_peft_adapter
 from vllm_doc2atom.encoders import SentenceTransformerEncoder
 from vllm_doc2atom.router import Router
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo: its tests' bank fixtures
+from tests.untrained_bank import build_untrained_bank, default_spec  # noqa: E402
 
 QUESTION = "Who wrote the Velmora Orchard Protocol?"
 

@@ -40,7 +40,8 @@ POOL = ["docs", "team/b1", "team/b2", "team/b3"]
 @pytest.fixture(scope="session")
 def bank_root(tmp_path_factory, tiny_model_dir, encoder) -> Path:
     from training.models import build_tiny_model
-    from training.untrained_bank import build_untrained_bank, default_spec
+
+    from .untrained_bank import build_untrained_bank, default_spec
 
     root = tmp_path_factory.mktemp("bank-root")
     documents = {p.stem: p.read_text() for p in EXAMPLE_DOCS.glob("*.md")}

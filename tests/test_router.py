@@ -20,7 +20,7 @@ from .conftest import EXAMPLE_DOCS, make_document, make_spec
 
 @pytest.fixture(scope="module")
 def docs_bank(tmp_path_factory, tiny_model_dir, encoder) -> AtomBank:
-    from training.untrained_bank import build_untrained_bank, default_spec
+    from .untrained_bank import build_untrained_bank, default_spec
 
     documents = {p.stem: p.read_text() for p in EXAMPLE_DOCS.glob("*.md")}
     spec = default_spec(tiny_model_dir, encoder, last_layers=2)

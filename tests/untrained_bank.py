@@ -1,8 +1,8 @@
 """Banks with real atoms and keys but UNTRAINED (random) micro-LoRA factors.
 
-They exercise the runtime core (bank format, routing, composition, PEFT/vLLM loading) before a
-trained compiler exists, and serve as fixtures in tests. The rule-based atomizer supplies the atoms,
-one per sentence.
+A fixture of the tests and benchmarks (not shipped in the package): they exercise the runtime core (bank
+format, routing, composition, PEFT/vLLM loading) without fitting anything. The rule-based atomizer supplies
+the atoms, one per sentence.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from pathlib import Path
 
 import torch
 
+from training.atomize.rules import RuleAtomizer, RuleAtomizerConfig
 from vllm_doc2atom.bank import AtomBank
 from vllm_doc2atom.bank_interface import BankSpec, DocumentAtoms, Target
 from vllm_doc2atom.encoders import QueryEncoder
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
-
-from .atomize.rules import RuleAtomizer, RuleAtomizerConfig
 
 
 def default_spec(model_dir: str | Path, encoder: QueryEncoder, modules: Sequence[str] = ("down_proj",),
