@@ -27,6 +27,7 @@ from pathlib import Path
 import openai
 from transformers import AutoConfig, AutoTokenizer
 
+from training.amortized.shipped import shipped_checkpoint
 from training.compile import compile_documents
 from training.data.records import ANSWERABLE
 from training.data.synthetic import synthetic_corpus
@@ -34,7 +35,6 @@ from training.data.teacher import teacher_messages
 from training.evaluate.scoring import best_over, contains, token_f1
 from training.models import prepare_model
 from training.serve_process import vllm_server
-from training.shipped import shipped_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

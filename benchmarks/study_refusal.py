@@ -25,7 +25,7 @@ from study_composition import data_arguments, model_folder  # noqa: E402
 from training.compile import StudyCompiler, StudyConfig  # noqa: E402
 from training.compile.study import STUDY_HEAD  # noqa: E402
 from training.evaluate.harness import load_items  # noqa: E402
-from training.evaluate.scoring import refusal_scores  # noqa: E402
+from training.thresholds import refusal_scores  # noqa: E402
 from vllm_doc2atom.bank_interface import DocumentAtoms  # noqa: E402
 from vllm_doc2atom.router_head import DEFAULT_THRESHOLD  # noqa: E402
 

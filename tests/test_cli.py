@@ -21,7 +21,8 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert main(["models", "prepare", "nope"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert main(["checkpoint", "calibrate", str(tmp_path), "--data", str(tmp_path / "no-data")]) == 2
-    assert "No such file or directory" in capsys.readouterr().err  # a message, not a traceback
+    assert f"doc2atom checkpoint calibrate: error: checkpoint {tmp_path} has no checkpoint.json" in (
+        capsys.readouterr().err)  # a message, not a traceback
 
 
 def test_models_tiny_and_list(tmp_path, capsys):

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from training.atomize.rules import RuleAtomizer
+from training.data.cross_document_probes import off_topic_probes
 from training.data.labels import label_question
-from training.data.probes import off_topic_probes
 from training.data.records import ANSWERABLE, OFF_TOPIC, UNANSWERABLE, Question
 from training.data.splits import split_of
 from training.data.synthetic import synthetic_corpus

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from training.amortized.shipped import shipped_checkpoint
 from training.models import DEFAULT_MODEL
-from training.shipped import shipped_checkpoint
 
 
 def test_shipped_checkpoint_is_small_inference_only_and_for_the_default_model():

@@ -16,9 +16,9 @@ from training.evaluate.scoring import (
     exact_match,
     looks_like_refusal,
     normalize_answer,
-    refusal_scores,
     token_f1,
 )
+from training.thresholds import refusal_scores
 from vllm_doc2atom.settings import DEFAULT_REFUSAL
 
 TINY = dict(adapted_layers=2, micro_rank=2, encoder_layer=1, hidden=64, slot_dim=8, batch_size=4)

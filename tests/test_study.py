@@ -10,7 +10,7 @@ import torch
 
 from training.atomize.rules import RuleAtomizer, RuleAtomizerConfig
 from training.study import questions as q
-from training.study.fit import Composer, Example, FitConfig, fit_document, fit_steps, length_batches
+from training.study.fit import CompositionSampler, Example, FitConfig, fit_document, fit_steps, length_batches
 from training.study.generation import chat_prompt_ids, generate, split_common_prefix
 from vllm_doc2atom.bank import AtomBank
 from vllm_doc2atom.bank_interface import Target
@@ -68,10 +68,10 @@ def test_prefix_shared_generation_matches_transformers_generate(tiny_model_dir):
 
 
 def test_compositions_follow_the_router_add_distractors_and_protect_unrelated_prompts():
-    composer = Composer(5, FitConfig(router_share=1.0, alone_share=0.0))
+    composer = CompositionSampler(5, FitConfig(router_share=1.0, alone_share=0.0))
     routed = Example(2, [1], torch.tensor([3]), torch.tensor([[3]]), torch.tensor([[0.0]]), routed=[(4, 0.9)])
     assert dict(composer.draw(routed)).keys() == {2, 4}  # the router missed the gold atom: it is added
-    composer = Composer(5, FitConfig(router_share=0.0, alone_share=0.0, max_distractors=2))
+    composer = CompositionSampler(5, FitConfig(router_share=0.0, alone_share=0.0, max_distractors=2))
     for _ in range(20):
         drawn = composer.draw(routed)
         assert drawn[0][0] == 2 and 2 <= len(drawn) <= 3 and len({i for i, _ in drawn}) == len(drawn)

@@ -10,9 +10,11 @@ import torch
 import yaml
 
 from training import losses
-from training.checkpoint import load_compiler
+from training.amortized.checkpoint import load_compiler
+from training.amortized.config import TrainConfig
+from training.amortized.distill import Distiller
+from training.amortized.prepare import prepare
 from training.data.build import BuildConfig, build_dataset
-from training.trainer import Distiller, TrainConfig, prepare
 
 from .conftest import EXAMPLE_DOCS
 
@@ -31,7 +33,7 @@ def dataset(tmp_path_factory, tiny_model_dir) -> Path:
 def setup(dataset, tiny_model_dir, encoder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.model import CompilerConfig, MemoryCompiler
+    from training.amortized.memory_compiler import CompilerConfig, MemoryCompiler
     from vllm_doc2atom.bank_interface import Target
     from vllm_doc2atom.fingerprint import BaseModelFingerprint
 
@@ -63,8 +65,8 @@ def test_compiler_shapes_and_near_no_op_start(setup):
     assert gates.shape == (5, 2) and ((gates > 0) & (gates < 1)).all()
     answerable = [q for q in items if q.student is not None][:2]
     with torch.no_grad():
-        adapted = distiller._student_logits(answerable, [[(0, torch.tensor(1.0))]] * 2, a, b, gates)
-        hidden = distiller._run([q.student.hidden for q in answerable], None)
+        adapted = distiller.student_logits(answerable, [[(0, torch.tensor(1.0))]] * 2, a, b, gates)
+        hidden = distiller.run_layers([q.student.hidden for q in answerable], None)
         base = distiller.model.lm_head(torch.cat([hidden[i, q.student.answer_positions]
                                                   for i, q in enumerate(answerable)]))
     assert (adapted - base).abs().max() < 1e-3  # B starts near zero: the student starts as the base model
@@ -99,7 +101,7 @@ def test_answer_terms_weight_the_gold_answer_tokens():
 def test_gold_token_mask_marks_the_tokens_that_spell_the_answer(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from training.student import gold_token_mask
+    from training.amortized.student_inputs import gold_token_mask
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     reply = tokenizer("The harbor master of Quillon is Elvira Tundmark.", add_special_tokens=False)["input_ids"]
@@ -160,7 +162,7 @@ def test_twenty_steps_overfit_three_fictional_facts(setup):
 
 
 def test_prepared_inputs_round_trip_through_the_cache(setup, tmp_path, tiny_model_dir):
-    from training.prepared import STUDENT_TENSORS, cache_key, load_prepared, save_prepared
+    from training.amortized.prepared import STUDENT_TENSORS, cache_key, load_prepared, save_prepared
 
     config, _, table, items, _, _ = setup
     key = cache_key(config, tiny_model_dir, "encoder")
@@ -204,14 +206,14 @@ def test_train_cli_checkpoint_round_trip_and_resume(tmp_path, dataset, tiny_mode
     assert meta["step"] == 4 and meta["train"]["weights"]["gate_l1"] == 0.02
     assert not list(checkpoint.parent.glob(".*"))  # atomic swaps leave nothing behind
     again, _ = load_compiler(checkpoint)
-    from training.student import AtomInputs
+    from training.amortized.atom_inputs import AtomInputs
 
     f = compiler.config.feature_dim
     features = AtomInputs(torch.randn(3, 5, f), torch.randn(3, 5, f), torch.rand(3, 5) > 0.3)
     assert all(torch.equal(x, y) for x, y in zip(compiler(features)[2], again(features)[2]))
 
     assert len(list((tmp_path / "run" / "prepared").iterdir())) == 1
-    with caplog.at_level("INFO", logger="training.prepared"):
+    with caplog.at_level("INFO", logger="training.amortized.prepared"):
         assert main(["train", "--config", str(config), "--set", "steps=6", "--resume"]) == 0
     assert "loaded prepared inputs" in caplog.text  # the resume skipped preparation
     rows = [line.split(",") for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
@@ -316,7 +318,7 @@ def test_compile_route_compose_and_peft_match_the_training_path(tmp_path, datase
 def test_validation_reports_routing_and_answer_loss_with_and_without_atoms(setup):
     import math
 
-    from training.trainer import VALIDATION_COLUMNS, validate
+    from training.amortized.validation import VALIDATION_COLUMNS, validate
 
     distiller, items = _distiller(setup)
     everything = validate(distiller, items, k=100, threshold=0.0)
@@ -360,11 +362,11 @@ def test_two_data_parallel_processes_match_one_process(tmp_path, dataset, tiny_m
 def test_learned_router_head_exports_exactly_what_the_server_applies():
     from dataclasses import asdict
 
-    from training.model import LearnedRouterHead
+    from training.amortized.memory_compiler import TrainableRouterHead
     from vllm_doc2atom.bank_interface import ATOM_TYPES, AtomRecord
     from vllm_doc2atom.router_head import RouterHead
 
-    head = LearnedRouterHead()
+    head = TrainableRouterHead()
     with torch.no_grad():
         head.type_bias.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0, 0.3]))
         head.answer_bearing_bias.fill_(0.7)
@@ -384,7 +386,7 @@ def test_learned_router_head_exports_exactly_what_the_server_applies():
 
 
 def test_calibrated_threshold_separates_answerable_from_off_topic_with_the_widest_margin():
-    from training.calibrate import best_threshold
+    from training.thresholds import best_threshold
 
     threshold, f1 = best_threshold(answerable=[0.3, 0.8, 0.9], refusable=[0.0, 0.05, 0.1])
     assert f1 == 1.0 and threshold == pytest.approx(0.2)

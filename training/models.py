@@ -15,6 +15,8 @@ from pathlib import Path
 
 from vllm_doc2atom.files import atomic_directory
 
+from .inputs import InputError, model_folder, output_folder
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -47,9 +49,9 @@ def prepare_model(name: str = DEFAULT_MODEL, cache_dir: str | os.PathLike | None
                   force: bool = False) -> Path:
     """Return the folder of a ready-to-load packaged model, building it once (idempotent, atomic)."""
     if name not in PACKAGED_MODELS:
-        raise ValueError(f"unknown model {name!r}; packaged models: {sorted(PACKAGED_MODELS)}")
+        raise InputError(f"unknown model {name!r}; packaged models: {', '.join(sorted(PACKAGED_MODELS))}")
     entry = PACKAGED_MODELS[name]
-    out = Path(cache_dir) if cache_dir else cache_root() / "models"
+    out = output_folder(cache_dir, "model cache folder") if cache_dir else cache_root() / "models"
     target = out / name
     if (target / COMPLETE_MARKER).is_file() and not force:
         return target
@@ -79,6 +81,13 @@ def prepare_model(name: str = DEFAULT_MODEL, cache_dir: str | os.PathLike | None
         (tmp / COMPLETE_MARKER).write_text(f"{entry.pip_name}:{entry.gguf_file}\n")
     logger.info("prepared %s in %.1f s: %s", name, time.perf_counter() - start, target)
     return target
+
+
+def resolve_model(name_or_folder: str | os.PathLike) -> Path:
+    """The folder of a base model: a packaged model's (prepared once), or a Hugging Face model folder, checked
+    to exist before anything loads it."""
+    name = str(name_or_folder)
+    return prepare_model(name) if name in PACKAGED_MODELS else model_folder(name)
 
 
 CHATML_TEMPLATE = (
@@ -116,6 +125,7 @@ def build_tiny_model(out: str | os.PathLike, arch: str = "llama", num_layers: in
     import torch
     from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
+    output_folder(out)
     tokenizer = build_tiny_tokenizer()
     common = dict(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,

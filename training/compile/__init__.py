@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vllm_doc2atom.bank import AtomBank
 
+from ..inputs import InputError, output_folder
 from .amortized import AmortizedCompiler, RefineConfig
 from .documents import make_atomizer, read_documents
 from .pipeline import DocumentCompiler, compile_with, peak_memory_mb
@@ -31,12 +32,11 @@ def make_compiler(mode: str = "study", checkpoint: str | Path | None = None, mod
     """The document compiler of a mode. study: model_dir (default: the packaged default model); amortized and
     optimize: a checkpoint (default: the shipped one) and its base model."""
     if mode == "study":
-        from ..models import DEFAULT_MODEL, PACKAGED_MODELS, prepare_model
+        from ..models import DEFAULT_MODEL, resolve_model
 
-        name = str(model_dir or DEFAULT_MODEL)
-        return StudyCompiler(prepare_model(name) if name in PACKAGED_MODELS else Path(name), study, atomizer)
+        return StudyCompiler(resolve_model(model_dir or DEFAULT_MODEL), study, atomizer)
     if mode in ("amortized", "optimize"):
-        from ..shipped import shipped_checkpoint
+        from ..amortized.shipped import shipped_checkpoint
 
         return AmortizedCompiler(checkpoint or shipped_checkpoint(), model_dir, mode, refine, atomizer)
     raise ValueError(f"unknown compile mode {mode!r} (choose from {', '.join(MODES)})")
@@ -48,7 +48,13 @@ def compile_documents(documents: Mapping[str, str], out: str | Path, mode: str =
                       study: StudyConfig | None = None, atomizer: str = "rules",
                       add: bool = False) -> tuple[AtomBank, dict]:
     """Compile documents into a bank at `out` (with `add`: into the existing bank there). Returns the bank and
-    its stats (timings, atoms/s, bytes per atom, peak memory, and the mode's own)."""
+    its stats (timings, atoms/s, bytes per atom, peak memory, and the mode's own). Raises InputError, before
+    loading any model, when there is no document to compile or `out` is a file (with `add`: not a bank)."""
+    if not any(text.strip() for text in documents.values()):
+        raise InputError("nothing to compile: no document has any text (empty documents are skipped)")
+    output_folder(out, "bank folder")
+    if add and Path(out).exists():
+        AtomBank.load(out, verify=False)  # the bank to add to: a BankError now, not after loading the model
     start = time.perf_counter()
     compile_one = make_compiler(mode, checkpoint, model_dir, refine, study, atomizer)
     return compile_with(compile_one, documents, out, overwrite=overwrite, add=add,

@@ -17,8 +17,9 @@ from vllm_doc2atom.bank_interface import BankSpec, DocumentAtoms, Target
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
 
 from .. import losses
-from ..checkpoint import load_compiler
-from ..student import LoRAHooks, atom_features
+from ..amortized.atom_inputs import atom_features
+from ..amortized.checkpoint import load_compiler
+from ..student import LoRAHooks
 from .documents import make_atomizer
 
 logger = logging.getLogger(__name__)
@@ -78,13 +79,13 @@ class AmortizedCompiler:
 
         from vllm_doc2atom.encoders import SentenceTransformerEncoder
 
-        from ..models import PACKAGED_MODELS, prepare_model
+        from ..models import resolve_model
 
         if mode not in ("amortized", "optimize"):
             raise ValueError(f"unknown compile mode {mode!r} (amortized or optimize)")
         self.compiler, self.meta = load_compiler(checkpoint)
         model_name = str(model_dir or self.meta["train"]["model"])
-        model_dir = prepare_model(model_name) if model_name in PACKAGED_MODELS else Path(model_name)
+        model_dir = resolve_model(model_name)
         base = BaseModelFingerprint.from_model_dir(model_dir)
         diffs = self.compiler.config.fingerprint().differences(base)
         if diffs:

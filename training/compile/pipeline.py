@@ -15,6 +15,8 @@ from tqdm import tqdm
 from vllm_doc2atom.bank import AtomBank
 from vllm_doc2atom.bank_interface import BankSpec, DocumentAtoms
 
+from ..inputs import InputError, name_list
+
 logger = logging.getLogger(__name__)
 
 
@@ -55,6 +57,9 @@ def compile_with(compile_one: DocumentCompiler, documents: Mapping[str, str], ou
                 compiled.append(result)
                 atoms += len(result.atoms)
             bar.set_postfix(atoms=atoms, atoms_per_s=f"{atoms / max(time.perf_counter() - start, 1e-9):.2f}")
+    if not compiled:  # nothing to write: leave `out` as it was
+        raise InputError(f"nothing to compile: no atoms in any document ({name_list(documents)}); give documents "
+                         "with sentences of text")
     if existing is not None:
         bank = existing.add_documents(compiled, replace=True)
     else:

@@ -27,17 +27,18 @@ from safetensors.torch import load_file, save_file
 from vllm_doc2atom.bank import AtomBank
 from vllm_doc2atom.bank_interface import AtomRecord, BankSpec, DocumentAtoms, Target
 from vllm_doc2atom.files import atomic_file, atomic_write_text
-from vllm_doc2atom.fingerprint import BaseModelFingerprint
+from vllm_doc2atom.fingerprint import MODULE_PARENTS, BaseModelFingerprint
 from vllm_doc2atom.router_head import RouterHead
 
-from ..calibrate import best_threshold
 from ..data.teacher import teacher_messages
+from ..inputs import InputError
 from ..models import cache_root
 from ..student import LoRAHooks
 from ..study import questions as q
 from ..study.fit import Example, FitConfig, fit_document
+from ..study.general_probes import OFF_TOPIC_PROBES
 from ..study.generation import chat_prompt_ids, end_of_turn_id, generate
-from ..study.probes import OFF_TOPIC_PROBES
+from ..thresholds import refusal_threshold
 from .documents import make_atomizer
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,14 @@ class StudyConfig:
     top_k: int = 8  # teacher log-probabilities kept per answer token
     fit: FitConfig = field(default_factory=FitConfig)
     cache: bool = True
+
+    def __post_init__(self) -> None:  # refused before any model loads
+        unknown = [m for m in self.modules if m not in MODULE_PARENTS]
+        if unknown:
+            raise InputError(f"unknown module {', '.join(unknown)} to adapt: choose from "
+                             f"{', '.join(MODULE_PARENTS)}")
+        if self.rank < 1 or self.last_layers < 1:
+            raise InputError(f"rank ({self.rank}) and adapted layers ({self.last_layers}) must be at least 1")
 
     def targets(self, base: BaseModelFingerprint) -> list[Target]:
         layers = range(max(base.num_layers - self.last_layers, 0), base.num_layers)
@@ -346,11 +355,3 @@ class StudyCompiler:
         with atomic_file(self.cache_dir / f"{key}.safetensors") as tmp:
             save_file(tensors, str(tmp))
         atomic_write_text(self.cache_dir / f"{key}.json", json.dumps({"positive_weights": positives}))
-
-
-def refusal_threshold(positives: list[float], negatives: list[float], max_refused: float = 0.05) -> float:
-    """The threshold of best refusal F1 between answerable (positives) and off-topic (negatives) top weights,
-    lowered if needed so that at most `max_refused` of the positives are refused."""
-    threshold, _ = best_threshold(positives, negatives)
-    floor = float(np.quantile(positives, max_refused)) if positives else threshold
-    return round(min(threshold, floor), 4)

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from vllm_doc2atom.bank_interface import AtomRecord
 from vllm_doc2atom.files import atomic_file, atomic_write_text
 
 from ..atomize.rules import RuleAtomizer
+from ..inputs import InputError, model_folder, output_folder, require_file
+from .cross_document_probes import off_topic_probes
 from .labels import label_question
-from .probes import off_topic_probes
 from .records import Corpus
 from .splits import split_of
 
@@ -48,7 +50,21 @@ class BuildConfig:
     seed: int = 0
 
 
+def check_source(source: str) -> None:
+    """A loader name or an existing .json/.jsonl file; else InputError listing every valid source."""
+    from .sources import SOURCES
+
+    if source in SOURCES or source == "synthetic":
+        return
+    if Path(source).suffix in (".json", ".jsonl"):
+        require_file(source, "source file")
+        return
+    raise InputError(f"unknown source {source!r}: use one of {', '.join(sorted([*SOURCES, 'synthetic']))}, "
+                     "or a SQuAD .json / .jsonl file")
+
+
 def load_corpus(config: BuildConfig) -> Corpus:
+    check_source(config.source)
     if config.source == "synthetic":
         from .synthetic import synthetic_corpus
 
@@ -78,7 +94,11 @@ def atomize(corpus: Corpus, config: BuildConfig) -> dict[str, list[AtomRecord]]:
 
 
 def build_dataset(config: BuildConfig) -> dict[str, Any]:
-    """Build everything under config.out and return the manifest."""
+    """Build everything under config.out and return the manifest. Bad inputs (source, teacher model, `out` a
+    file) raise InputError before anything is written."""
+    output_folder(config.out)
+    if config.teacher_model:
+        model_folder(config.teacher_model)
     start = time.perf_counter()
     corpus = load_corpus(config)
     loaded = time.perf_counter()
@@ -114,7 +134,7 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
             "atoms_per_type": dict(Counter(a.type for a in all_atoms)),
             "questions_per_kind": dict(Counter(q.kind for q in questions)),
             "questions_per_split": dict(Counter(splits[q.document_id] for q in questions)),
-            "answerable_with_gold_atoms": sum(1 for line in _read_jsonl(config.out / "questions.jsonl")
+            "answerable_with_gold_atoms": sum(1 for line in read_jsonl(config.out / "questions.jsonl")
                                               if line["labels"]["gold"]),
         },
         "seconds": {"load": round(loaded - start, 2), "atomize": round(atomized - loaded, 2),
@@ -132,7 +152,8 @@ def write_jsonl(path: Path, rows) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _read_jsonl(path: Path):
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a JSON-lines file, one by one."""
     with open(path, encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)

@@ -8,26 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from vllm_doc2atom.files import swap_in
 
-ROUTED = ("doc2atom", "doc2atom_optimize", "doc2atom_study", "doc2atom_evidence", "doc2atom_text")
-MONOLITHIC = ("d2l_raw", "d2l_atom", "d2l_study")
-NO_ARTIFACT = ("base", "icl")
-METHODS = ("base", "icl", "d2l_raw", "d2l_atom", "d2l_study", "doc2atom", "doc2atom_optimize", "doc2atom_study",
-           "doc2atom_evidence", "doc2atom_text")
-# no checkpoint: self-study with the base model
-STUDY_METHODS = ("doc2atom_study", "d2l_study", "doc2atom_evidence", "doc2atom_text")
-# Served with `atom_evidence` (its value here): the routed atoms' text before the question, besides the composed
-# adapter (true) or instead of it ("only"). Their banks are doc2atom_study's, compiled again under their own
-# names: the self-study cache makes that free.
-EVIDENCE = {"doc2atom_evidence": True, "doc2atom_text": "only"}
+from .methods import METHODS, Artifact
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,15 +63,16 @@ def compile_method(method: str, recipe: MethodRecipe, documents: dict[str, str],
         compiled = compiler(doc_id, text)
         if compiled is None:
             continue
-        bank_dir = work_dir / ("banks" if method in ROUTED else "monolithic-banks") / artifact_name(method, doc_id)
+        artifact = METHODS[method].artifact
+        folder_name = "banks" if artifact is Artifact.ROUTED else "monolithic-banks"
+        bank_dir = work_dir / folder_name / artifact_name(method, doc_id)
         bank = compiler.create_bank(bank_dir, [compiled], overwrite=True)  # routed: calibrated on its document
-        if method in MONOLITHIC:  # Doc-to-LoRA: the whole document as one adapter, no routing
+        if artifact is Artifact.MONOLITHIC:  # Doc-to-LoRA: the whole document as one adapter, no routing
             adapter = compose(bank, [(row, 1.0) for row in range(len(bank))], max_rank)
             dropped += len(adapter.dropped)
             folder = save_peft_adapter(adapter, work_dir / "adapters" / method)
             target = folder.with_name(lora_name(method, doc_id))
-            shutil.rmtree(target, ignore_errors=True)
-            folder.rename(target)
+            swap_in(folder, target)
             sizes.append(folder_bytes(target))
         else:  # the document's shard; the bank's query projection is shared by all its documents
             sizes.append(folder_bytes(bank_dir / "shards"))

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Protocol
 
 from ..data.teacher import teacher_messages
-from .artifacts import EVIDENCE, MONOLITHIC, ROUTED, artifact_name, lora_name
+from .artifacts import artifact_name, lora_name
+from .methods import METHODS, Artifact
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def messages_for(method: str, document: str, question: str) -> list[dict[str, st
     evidence methods get ICL's instruction too: the server puts the routed atoms' text where ICL's document is."""
     if method == "icl":
         return teacher_messages(document, question)
-    if method in EVIDENCE:
+    if METHODS[method].evidence:
         return [teacher_messages(document, question)[0], {"role": "user", "content": question}]
     return [{"role": "user", "content": question}]
 
@@ -75,9 +76,10 @@ class ServedBackend:
 
     def answer(self, method: str, document_id: str, document: str, question: str) -> Reply:
         model, extra = self.base_model, {}
-        if method in ROUTED:
-            extra = {"atom_bank": artifact_name(method, document_id), "atom_evidence": EVIDENCE.get(method, False)}
-        elif method in MONOLITHIC:
+        entry = METHODS[method]
+        if entry.artifact is Artifact.ROUTED:
+            extra = {"atom_bank": artifact_name(method, document_id), "atom_evidence": entry.evidence}
+        elif entry.artifact is Artifact.MONOLITHIC:
             model = lora_name(method, document_id)
         start = time.perf_counter()
         reply = self.client.chat.completions.create(
@@ -118,7 +120,8 @@ class TransformersBackend:
     def answer(self, method: str, document_id: str, document: str, question: str) -> Reply:
         start = time.perf_counter()
         adapter, atoms, evidence = None, 0, []
-        if method in ROUTED:
+        entry = METHODS[method]
+        if entry.artifact is Artifact.ROUTED:
             from vllm_doc2atom.composer import compose, save_peft_adapter
 
             bank = self.banks.get(artifact_name(method, document_id))
@@ -127,15 +130,15 @@ class TransformersBackend:
                 from vllm_doc2atom.settings import DEFAULT_REFUSAL
 
                 return Reply(DEFAULT_REFUSAL, True, time.perf_counter() - start)
-            if EVIDENCE.get(method) == "only":  # the base model reads the routed atoms: no adapter
+            if entry.evidence == "only":  # the base model reads the routed atoms: no adapter
                 atoms, evidence = len(result.kept), [r.atom.text for r in result.kept]
             else:
                 composed = compose(bank, result.selection, self.max_lora_rank)
                 adapter, atoms = save_peft_adapter(composed, self.scratch), len(composed.used)
-                if method in EVIDENCE:
+                if entry.evidence:
                     used = {row for row, _ in composed.used}
                     evidence = [r.atom.text for r in result.kept if r.index in used]
-        elif method in MONOLITHIC:
+        elif entry.artifact is Artifact.MONOLITHIC:
             adapter = self.work_dir / "adapters" / method / lora_name(method, document_id)
         messages = messages_for(method, document, question)
         if evidence:

@@ -15,10 +15,13 @@ from tqdm import tqdm
 
 from ..data.build import write_jsonl
 from ..data.records import ANSWERABLE, OFF_TOPIC, UNANSWERABLE
+from ..inputs import InputError, checkpoint_folder, dataset_folder, output_folder
 from ..models import DEFAULT_MODEL
-from .artifacts import METHODS, NO_ARTIFACT, STUDY_METHODS, MethodRecipe, compile_all
+from ..thresholds import refusal_scores
+from .artifacts import MethodRecipe, compile_all
 from .backends import Backend, Reply
-from .scoring import best_over, contains, exact_match, looks_like_refusal, refusal_scores, token_f1
+from .methods import METHODS, Artifact
+from .scoring import best_over, contains, exact_match, looks_like_refusal, token_f1
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ class Item:
 
 def load_items(folder: str | Path, split: str, limit: int | None, seed: int) -> tuple[str, dict[str, str], list[Item]]:
     """(dataset name, held-out documents, their questions): `limit` documents chosen by a seeded hash."""
-    folder = Path(folder)
+    folder = dataset_folder(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     name = Path(str(manifest["config"]["source"])).stem
     documents = {}
@@ -76,7 +79,8 @@ def load_items(folder: str | Path, split: str, limit: int | None, seed: int) -> 
             if q["document_id"] in documents:
                 items.append(Item(name, q["document_id"], q["id"], q["question"], q["kind"], q["answers"]))
     if not items:
-        raise ValueError(f"{folder}: no {split} questions (is it a dataset from `doc2atom data build`?)")
+        raise InputError(f"dataset {folder} has no {split} questions: choose another split, or build a "
+                         "dataset with `doc2atom data build`")
     return name, documents, items
 
 
@@ -87,12 +91,13 @@ def recipes_for(config: EvalConfig, model_dir: Path) -> tuple[dict[str, MethodRe
     recipes, skipped = {}, {}
     for method in config.methods:
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
-        if method in NO_ARTIFACT:
+            raise InputError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+        entry = METHODS[method]
+        if entry.artifact is Artifact.NONE:
             continue
-        if method in STUDY_METHODS:
+        if entry.study:
             recipes[method] = MethodRecipe(None, mode="study", model=str(model_dir),
-                                           monolithic=method == "d2l_study")
+                                           monolithic=entry.artifact is Artifact.MONOLITHIC)
             continue
         if not checkpoints[method]:
             skipped[method] = "no checkpoint given"
@@ -137,17 +142,18 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_eval(config: EvalConfig) -> dict[str, Any]:
-    from ..models import PACKAGED_MODELS, prepare_model
+    from ..models import resolve_model
 
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(config.out)  # every input is checked before `out` is created
     datasets = [load_items(folder, config.split, config.limit, config.seed) for folder in config.data]
     documents = {doc_id: text for _, docs, _ in datasets for doc_id, text in docs.items()}
     items = [item for _, _, dataset_items in datasets for item in dataset_items]
-    checkpoint = config.checkpoint or config.d2l_atom_checkpoint or config.d2l_raw_checkpoint
-    model_name = config.model or (_trained_on(checkpoint) if checkpoint else DEFAULT_MODEL)
-    model_dir = prepare_model(model_name) if model_name in PACKAGED_MODELS else Path(model_name)
+    checkpoints = [checkpoint_folder(c) for c in (config.checkpoint, config.d2l_atom_checkpoint,
+                                                  config.d2l_raw_checkpoint) if c]
+    model_name = config.model or (_trained_on(checkpoints[0]) if checkpoints else DEFAULT_MODEL)
+    model_dir = resolve_model(model_name)
     recipes, skipped = recipes_for(config, model_dir)
+    out.mkdir(parents=True, exist_ok=True)
     methods = [m for m in config.methods if m not in skipped]
     for method, why in skipped.items():
         logger.warning("skipping %s: %s", method, why)
@@ -193,5 +199,5 @@ def _answer_all(backend: Backend, method: str, items: list[Item], documents: dic
         return list(tqdm(pool.map(one, items), total=len(items), desc=f"eval {method}", unit="q"))
 
 
-def _trained_on(checkpoint: str) -> str:
+def _trained_on(checkpoint: str | Path) -> str:
     return json.loads((Path(checkpoint) / "checkpoint.json").read_text())["train"]["model"]

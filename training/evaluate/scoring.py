@@ -1,12 +1,12 @@
-"""Answer and refusal metrics: SQuAD-normalised token F1 / exact match, containment, refusal P/R/F1."""
+"""Answer metrics: SQuAD-normalised token F1 / exact match, containment, and spotting a refusal in a reply
+(refusal precision/recall/F1 are counted in `training.thresholds`)."""
 
 from __future__ import annotations
 
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
@@ -49,27 +49,3 @@ def best_over(metric, prediction: str, golds: Sequence[str]) -> float:
 
 def looks_like_refusal(text: str) -> bool:
     return bool(_REFUSAL.search(text))
-
-
-@dataclass
-class RefusalScores:
-    precision: float
-    recall: float
-    f1: float
-    should_refuse: int  # probes (off-topic or unanswerable questions) scored
-    refused: int  # replies that refused, over all questions
-
-
-def refusal_scores(pairs: Iterable[tuple[bool, bool]]) -> RefusalScores:
-    """(should refuse, did refuse) per question -> precision/recall/F1 of refusing, refusal being positive."""
-    tp = fp = fn = positives = refused = 0
-    for should, did in pairs:
-        positives += should
-        refused += did
-        tp += should and did
-        fp += did and not should
-        fn += should and not did
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return RefusalScores(precision, recall, f1, positives, refused)

@@ -115,7 +115,7 @@ def init_factors(targets: Sequence[Target], n_atoms: int, rank: int, shapes: dic
     return a, b
 
 
-class Composer:
+class CompositionSampler:
     """Draws each example's composition: (atoms [b, K], weights [b, K]) padded with weight 0."""
 
     def __init__(self, n_atoms: int, config: FitConfig) -> None:
@@ -164,7 +164,7 @@ def fit_document(model: nn.Module, targets: Sequence[Target], n_atoms: int, rank
     own_hooks = hooks is None
     hooks = hooks or LoRAHooks(model, targets)
     optimizer = torch.optim.Adam([*a.values(), *b.values()], lr=config.lr)
-    composer = Composer(n_atoms, config)
+    sampler = CompositionSampler(n_atoms, config)
     batches = length_batches(states.lengths, config.batch_size, random.Random(config.seed))
     losses_seen = []
     head = model.get_output_embeddings()
@@ -172,7 +172,7 @@ def fit_document(model: nn.Module, targets: Sequence[Target], n_atoms: int, rank
         for _ in range(fit_steps(config, len(examples))):
             rows = next(batches)
             batch = [examples[r] for r in rows]
-            atoms, weights = composer.batch(batch)
+            atoms, weights = sampler.batch(batch)
             factors = {t: stack_factors(a[t][atoms], b[t][atoms], weights * scaling) for t in targets}
             with hooks.active(factors):
                 hidden = run_last_layers(model, states.batch(rows), start_layer)  # [b, T, H]

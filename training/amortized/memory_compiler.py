@@ -2,13 +2,13 @@
 (query/key projections into one key space, and the logistic router head).
 
 Each rank of an atom's micro-LoRA is a *slot* that reads the atom's tokens by attention:
-    α_s = softmax over the atom's tokens of  q_s · W_key LN(states)     (q_s learned, shifted by the atom's trunk h)
+    α_s = softmax over the atom's tokens of q_s · W_key LN(states)  (q_s learned, shifted by the trunk's h)
     A_s = W_read (α_s LN(states))      what the slot listens for in the adapted layer's input
     B_s = W_write (α_s embeddings)     what it writes: the identity of the tokens it read
-The factors therefore keep token identity (a name or a number can be copied into the residual stream instead of
-squeezed through a pooled vector), with one set of read/write maps shared by every atom, which is what lets the
-compiler generalise to documents it never saw. W_write starts near zero: before training every adapter is almost a
-no-op (the student is the base model), as in LoRA, yet gradients reach every part from the first step.
+The factors therefore keep token identity (a name or a number can be copied into the residual stream instead
+of squeezed through a pooled vector), with one set of read/write maps shared by every atom, which is what lets
+the compiler generalise to documents it never saw. W_write starts near zero: before training every adapter is
+almost a no-op (the student is the base model), as in LoRA, yet gradients reach every part from the first step.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from vllm_doc2atom.bank_interface import ATOM_TYPES, Target
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
 from vllm_doc2atom.router_head import RouterHead
 
-from .student import AtomInputs
+from .atom_inputs import AtomInputs
 
 
 @dataclass
@@ -75,7 +75,7 @@ class MemoryCompiler(nn.Module):
         # Key space: atom texts and questions share the sentence encoder, each with its own projection.
         self.key_proj = nn.Parameter(torch.eye(config.text_dim, config.key_dim))
         self.query_proj = nn.Parameter(torch.eye(config.text_dim, config.key_dim))
-        self.head = LearnedRouterHead()
+        self.head = TrainableRouterHead()
 
     def forward(self, inputs: AtomInputs) -> tuple[dict[Target, torch.Tensor], dict[Target, torch.Tensor],
                                                    torch.Tensor]:
@@ -103,9 +103,10 @@ class MemoryCompiler(nn.Module):
         return nn.functional.normalize(text_embeddings @ self.query_proj, dim=-1)
 
 
-class LearnedRouterHead(nn.Module):
-    """Trainable twin of vllm_doc2atom.router.RouterHead: similarity plus the atoms' metadata (type prior,
-    answer-bearing flag, confidence), exported with `metadata=True` so the server applies all of it."""
+class TrainableRouterHead(nn.Module):
+    """The router head as torch parameters, trained with the compiler; `export()` freezes it into the plugin's
+    vllm_doc2atom.router_head.RouterHead that the server applies: similarity plus the atoms' metadata (type
+    prior, answer-bearing flag, confidence), exported with `metadata=True` so the server applies all of it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -118,7 +119,8 @@ class LearnedRouterHead(nn.Module):
 
     def forward(self, similarity: torch.Tensor, types: torch.Tensor, answer_bearing: torch.Tensor,
                 confidence: torch.Tensor) -> torch.Tensor:
-        """Router logits (weights are their sigmoid): similarity [..., n]; types, answer_bearing, confidence [n]."""
+        """Router logits (weights are their sigmoid): similarity [..., n]; types, answer_bearing,
+        confidence [n]."""
         return (self.sim_scale * (similarity - self.sim_center) + self.type_bias[types]
                 + self.answer_bearing_bias * answer_bearing + self.confidence_scale * (confidence - 1.0))
 

@@ -1,4 +1,5 @@
-"""Irrelevant probes: questions a document cannot answer, labelled for refusal."""
+"""Off-topic probes drawn across documents: other documents' questions that a document cannot answer,
+labelled for refusal."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Off-topic probes: general questions that no document bank should answer. A study bank's refusal threshold
-is calibrated between its own study questions and these (the router's weight of their best atom)."""
+"""Off-topic probes of general knowledge: a fixed list of questions that no document bank should answer.
+A study bank's refusal threshold is set between its study questions and these (their best atom's weight)."""
 
 OFF_TOPIC_PROBES = [
     "What is the capital of Australia?",

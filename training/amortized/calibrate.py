@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from vllm_doc2atom.files import atomic_write_text
 
-from .evaluate.scoring import RefusalScores, refusal_scores
+from ..inputs import checkpoint_folder, dataset_folder
+from ..thresholds import best_threshold, refusals_at
 
 logger = logging.getLogger(__name__)
 
@@ -37,27 +38,12 @@ class Calibration:
     split: str
 
 
-def refusals_at(threshold: float, answerable: list[float], refusable: list[float]) -> RefusalScores:
-    """Refusal precision/recall/F1 when a question is refused for its best atom's weight below `threshold`."""
-    return refusal_scores([(False, w < threshold) for w in answerable] + [(True, w < threshold) for w in refusable])
-
-
-def best_threshold(answerable: list[float], refusable: list[float]) -> tuple[float, float]:
-    """(threshold, refusal F1): the midpoint between two consecutive top weights that refuses best."""
-    scores = sorted(set(answerable) | set(refusable) | {0.0, 1.0})
-    best = (-1.0, -1.0, 0.5)  # (F1, gap, threshold)
-    for low, high in zip(scores, scores[1:]):
-        threshold = (low + high) / 2
-        best = max(best, (refusals_at(threshold, answerable, refusable).f1, high - low, threshold))
-    return best[2], best[0]
-
-
 def top_weights(checkpoint: str | Path, data: str | Path, split: str) -> tuple[list[float], list[float]]:
     """The best atom's router weight for each question of the split: (answerable, to be refused)."""
     from vllm_doc2atom.router import RouterConfig, RouterPool
 
-    from .compile import AmortizedCompiler
-    from .evaluate.harness import load_items
+    from ..compile import AmortizedCompiler
+    from ..evaluate.harness import load_items
 
     _, documents, items = load_items(data, split, None, 0)
     compile_one = AmortizedCompiler(checkpoint)
@@ -78,7 +64,8 @@ def top_weights(checkpoint: str | Path, data: str | Path, split: str) -> tuple[l
 
 def calibrate(checkpoint: str | Path, data: str | Path, split: str = "validation") -> Calibration:
     """Choose the refusal threshold on `split` of the dataset at `data` and store it in the checkpoint."""
-    checkpoint = Path(checkpoint)
+    checkpoint = checkpoint_folder(checkpoint)
+    dataset_folder(data)
     answerable, refusable = top_weights(checkpoint, data, split)
     if not answerable or not refusable:
         raise ValueError(f"{data}: the {split} split needs answerable questions and off-topic probes "

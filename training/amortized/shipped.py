@@ -1,12 +1,12 @@
-"""Checkpoints that ship inside the package, one per packaged base model."""
+"""Memory compiler checkpoints shipped in the package (training/checkpoints/), one per packaged base model."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .models import DEFAULT_MODEL
+from ..models import DEFAULT_MODEL
 
-CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
 
 def shipped_checkpoint(model: str = DEFAULT_MODEL) -> Path:

@@ -3,8 +3,7 @@
 Preparation runs the base model over every document and question: 10-60 minutes on a CPU, repeated by
 every `--resume`. Its result depends only on the dataset's files, the base model, the sentence encoder
 and two settings, so it is stored under a key made of those; any change there computes it afresh.
-The prepared records (`AtomTable`, `QuestionItem`) are defined here; the trainer imports them (this module
-names the trainer's config in a type annotation only, so there is no import cycle at run time).
+The prepared records (`AtomTable`, `QuestionItem`) are defined here; `prepare.py` computes them.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -23,10 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from vllm_doc2atom.files import atomic_directory, make_readable
 
-from .student import AtomInputs, StudentExample
-
-if TYPE_CHECKING:
-    from .trainer import TrainConfig  # for the annotation only
+from .atom_inputs import AtomInputs
+from .config import TrainConfig
+from .student_inputs import StudentExample
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +66,8 @@ class QuestionItem:
 
 
 def cache_key(config: TrainConfig, model_dir: str | Path, encoder_identity: str) -> str:
-    """Hash of everything the prepared inputs depend on (file contents, not paths: a moved dataset still hits)."""
+    """Hash of everything the prepared inputs depend on (file contents, not paths: a moved dataset still
+    hits)."""
     digest = hashlib.sha256()
     for name in DATA_FILES:
         path = Path(config.data) / name
@@ -127,6 +125,7 @@ def load_prepared(folder: Path, key: str) -> tuple[AtomTable, list[QuestionItem]
         student = None
         if f"student.{i}.hidden" in tensors:
             student = StudentExample(q["id"], *(tensors[f"student.{i}.{n}"] for n in STUDENT_TENSORS))
-        items.append(QuestionItem(**q, embedding=embedding, student=student, prompt_hidden=tensors.get(f"probe.{i}")))
+        items.append(QuestionItem(**q, embedding=embedding, student=student,
+                                  prompt_hidden=tensors.get(f"probe.{i}")))
     logger.info("loaded prepared inputs from %s (%d atoms, %d questions)", path, len(table.ids), len(items))
     return table, items

@@ -1,0 +1,1 @@
+"""The amortized compile mode's own code: the trained memory compiler, its training and its checkpoints."""
