@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 # 1. Data: documents, atoms, probes, labels, splits, and the model's own answers WITH the document
 #    (the distillation teacher). Mix sources by training on one, then resuming on another.
 "$bin/doc2atom" data build --source synthetic --limit 240 --out data/other-synthetic --model "$model"
-# 2. Train: the same recipe as the shipped checkpoint, this model as student (GPU used when present).
+# 2. Train: the same recipe as the shipped checkpoint, this model as student (on the CPU: training has no GPU path yet).
 "$bin/doc2atom" train --config configs/smollm2-synthetic.yaml --set model="$model" \
     --set data=data/other-synthetic --set out=runs/other --set steps="$steps"
 # 2b. Choose the router's refusal threshold on the validation documents (stored in the checkpoint).

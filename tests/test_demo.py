@@ -1,5 +1,6 @@
-"""The README's main job, `doc2atom demo`, end to end: the shipped checkpoint compiles examples/docs, a real
-`vllm serve --plugin doc2atom` answers the in-scope questions from the bank and refuses the off-topic ones."""
+"""The README's main job, `doc2atom demo`, end to end: self-study compiles examples/docs, a real
+`vllm serve --plugin doc2atom` answers the in-scope questions from the bank and refuses the off-topic ones;
+and the shipped amortized checkpoint is what its card says."""
 
 from __future__ import annotations
 
