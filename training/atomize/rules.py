@@ -73,7 +73,7 @@ class RuleAtomizer:
             previous: AtomRecord | None = None
             for s_start, s_end in split_sentences(text, p_start, p_end):
                 sentence = text[s_start:s_end]
-                subject = _subject(sentence, text)
+                subject = leading_subject(sentence, text)
                 if subject:
                     entity = subject
                 for c_start, c_end in self._clauses(text, s_start, s_end):
@@ -111,7 +111,7 @@ def _paragraphs(text: str) -> list[tuple[int, int]]:
     return [(m.start(), m.end()) for m in re.finditer(r"[^\n]+(?:\n(?!\s*\n)[^\n]+)*", text)]
 
 
-def _subject(sentence: str, text: str) -> str:
+def leading_subject(sentence: str, text: str) -> str:
     """The proper-noun phrase a sentence opens with ("The Harbor of Quillon", "Irena Soltz"), if any.
 
     A one-word phrase counts only if the document also capitalises it mid-sentence: "Quillon" yes,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import bank, checkpoint, compile, data, demo, eval, models, train
+from . import bank, checkpoint, compile, data, demo, eval, models, router, train
 
-COMMANDS = (models, bank, checkpoint, data, train, compile, eval, demo)  # in `doc2atom --help` order
+COMMANDS = (models, bank, checkpoint, data, train, compile, eval, router, demo)  # in `doc2atom --help` order
 
 
 def add_all(subparsers: argparse._SubParsersAction) -> None:

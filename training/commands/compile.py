@@ -52,6 +52,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--atomizer", choices=["rules", "chunks"], default="rules",
                    help="rules: typed atoms (default); chunks: fixed windows, for a d2l_raw baseline "
                         "checkpoint")
+    p.add_argument("--routing-text", choices=["atom", "titled"], default="atom",
+                   help="what the keys encode: atom (the atomizer's text, default) or titled ('<what the "
+                        "document is about>: <atom text>': its heading or title line, else its file name, else "
+                        "its first sentence's subject); the atoms' text and spans are the same either way. "
+                        "Measure both with `doc2atom router eval`; keep one setting per bank")
     p.set_defaults(func=run)
 
 
@@ -66,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                         fit=FitConfig(steps=args.steps, passes=args.passes, lr=args.lr))
     bank, stats = compile_documents(documents, args.out, mode=args.mode, checkpoint=args.checkpoint,
                                     model_dir=args.model, overwrite=args.overwrite, atomizer=args.atomizer,
-                                    add=args.add, study=study,
+                                    add=args.add, study=study, routing_text=args.routing_text,
                                     refine=RefineConfig(steps=args.refine_steps, lr=args.refine_lr))
     print(json.dumps({"bank": str(bank.path), **stats}, indent=2))
     return 0

@@ -28,17 +28,19 @@ __all__ = ["MODES", "AmortizedCompiler", "DocumentCompiler", "RefineConfig", "St
 
 def make_compiler(mode: str = "study", checkpoint: str | Path | None = None, model_dir: str | Path | None = None,
                   refine: RefineConfig | None = None, study: StudyConfig | None = None,
-                  atomizer: str = "rules") -> DocumentCompiler:
+                  atomizer: str = "rules", routing_text: str = "atom") -> DocumentCompiler:
     """The document compiler of a mode. study: model_dir (default: the packaged default model); amortized and
-    optimize: a checkpoint (default: the shipped one) and its base model."""
+    optimize: a checkpoint (default: the shipped one) and its base model. routing_text: see make_atomizer."""
     if mode == "study":
         from ..models import DEFAULT_MODEL, resolve_model
 
-        return StudyCompiler(resolve_model(model_dir or DEFAULT_MODEL), study, atomizer)
+        return StudyCompiler(resolve_model(model_dir or DEFAULT_MODEL), study, atomizer,
+                             routing_text=routing_text)
     if mode in ("amortized", "optimize"):
         from ..amortized.shipped import shipped_checkpoint
 
-        return AmortizedCompiler(checkpoint or shipped_checkpoint(), model_dir, mode, refine, atomizer)
+        return AmortizedCompiler(checkpoint or shipped_checkpoint(), model_dir, mode, refine, atomizer,
+                                 routing_text)
     raise ValueError(f"unknown compile mode {mode!r} (choose from {', '.join(MODES)})")
 
 
@@ -46,7 +48,7 @@ def compile_documents(documents: Mapping[str, str], out: str | Path, mode: str =
                       checkpoint: str | Path | None = None, model_dir: str | Path | None = None,
                       overwrite: bool = False, refine: RefineConfig | None = None,
                       study: StudyConfig | None = None, atomizer: str = "rules",
-                      add: bool = False) -> tuple[AtomBank, dict]:
+                      add: bool = False, routing_text: str = "atom") -> tuple[AtomBank, dict]:
     """Compile documents into a bank at `out` (with `add`: into the existing bank there). Returns the bank and
     its stats (timings, atoms/s, bytes per atom, peak memory, and the mode's own). Raises InputError, before
     loading any model, when there is no document to compile or `out` is a file (with `add`: not a bank)."""
@@ -56,6 +58,6 @@ def compile_documents(documents: Mapping[str, str], out: str | Path, mode: str =
     if add and Path(out).exists():
         AtomBank.load(out, verify=False)  # the bank to add to: a BankError now, not after loading the model
     start = time.perf_counter()
-    compile_one = make_compiler(mode, checkpoint, model_dir, refine, study, atomizer)
+    compile_one = make_compiler(mode, checkpoint, model_dir, refine, study, atomizer, routing_text)
     return compile_with(compile_one, documents, out, overwrite=overwrite, add=add,
                         load_seconds=time.perf_counter() - start)

@@ -74,7 +74,8 @@ class AmortizedCompiler:
     """A trained checkpoint loaded with its base model: turns one document at a time into bank-ready atoms."""
 
     def __init__(self, checkpoint: str | Path, model_dir: str | Path | None = None, mode: str = "amortized",
-                 refine: RefineConfig | None = None, atomizer: str = "rules") -> None:
+                 refine: RefineConfig | None = None, atomizer: str = "rules",
+                 routing_text: str = "atom") -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from vllm_doc2atom.encoders import SentenceTransformerEncoder
@@ -105,7 +106,7 @@ class AmortizedCompiler:
                              checkpoint=self.meta.get("exported_from")
                              or f"{Path(checkpoint).resolve().parent.name}@step{self.meta['step']}",
                              router_head=asdict(replace(self.compiler.head.export(), threshold=calibrated)))
-        self.atomizer = make_atomizer(atomizer)
+        self.atomizer = make_atomizer(atomizer, routing_text)
         self.hooks = LoRAHooks(self.model, self.targets) if mode == "optimize" else None
         self.kl_before: list[float] = []
         self.kl_after: list[float] = []

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..atomize.rules import RuleAtomizer
 from ..inputs import InputError, read_text
+from ..router.routing_text import ROUTING_TEXTS, TitledAtomizer
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +47,19 @@ def _jsonl_document(path: Path, n: int, line: str) -> tuple[str, str]:
     return str(record.get("id") or record.get("document_id") or f"{path.stem}-{n}"), text
 
 
-def make_atomizer(name: str):
+def make_atomizer(name: str, routing_text: str = "atom"):
+    """The atomizer `name` (rules or chunks); with routing_text "titled", its atoms' retrieval text (what the
+    keys encode) becomes "<what the document is about>: <atom text>" (`training.router.routing_text`)."""
+    if routing_text not in ROUTING_TEXTS:
+        raise ValueError(f"unknown routing text {routing_text!r} ({' or '.join(ROUTING_TEXTS)})")
     if name == "rules":
-        return RuleAtomizer()
-    if name == "chunks":  # the d2l_raw baseline: fixed windows
+        atomizer = RuleAtomizer()
+    elif name == "chunks":  # the d2l_raw baseline: fixed windows
         from ..atomize.chunks import ChunkAtomizer
 
-        return ChunkAtomizer()
-    raise ValueError(f"unknown atomizer {name!r} for compile (rules or chunks)")
+        atomizer = ChunkAtomizer()
+    else:
+        raise ValueError(f"unknown atomizer {name!r} for compile (rules or chunks)")
+    return TitledAtomizer(atomizer) if routing_text == "titled" else atomizer
 
 

@@ -101,7 +101,7 @@ class StudyCompiler:
     mode = "study"
 
     def __init__(self, model_dir: str | Path, config: StudyConfig | None = None, atomizer: str = "rules",
-                 monolithic: bool = False) -> None:
+                 monolithic: bool = False, routing_text: str = "atom") -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from vllm_doc2atom.encoders import SentenceTransformerEncoder
@@ -118,7 +118,7 @@ class StudyCompiler:
         # the Doc-to-LoRA baseline: ONE adapter per document, of rank = rank × its atoms (the same parameters),
         # fitted on all of the document's study questions
         self.monolithic = monolithic
-        self.atomizer = make_atomizer(atomizer)
+        self.atomizer = make_atomizer(atomizer, routing_text)
         self.spec = BankSpec(base_model=self.base, targets=self.targets, micro_rank=self.config.rank,
                              lora_scaling=1.0, key_encoder=self.encoder.identity, key_dim=self.encoder.dim,
                              checkpoint=f"self-study-v{STUDY_VERSION}", router_head=asdict(STUDY_HEAD))

@@ -1,0 +1,1 @@
+"""Routing questions to atoms, measured offline: routing examples, self-contained routing text, evaluation."""
