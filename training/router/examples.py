@@ -12,7 +12,7 @@ from vllm_doc2atom.bank_interface import AtomRecord
 
 from ..data.build import read_jsonl
 from ..data.splits import SPLITS
-from ..inputs import DATASET_HINT, InputError, dataset_folder, require_folder
+from ..inputs import DATASET_HINT, InputError, require_folder
 from .routing_text import document_about
 
 logger = logging.getLogger(__name__)
@@ -103,4 +103,4 @@ def _checked(data_dir: str | Path, split: str) -> Path:
     """The dataset folder, with every file routing reads; a known split."""
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
-    return require_folder(dataset_folder(data_dir), "dataset", DATASET_HINT, files=DATA_FILES)
+    return require_folder(data_dir, "dataset", DATASET_HINT, files=("manifest.json", *DATA_FILES))
