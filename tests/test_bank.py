@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from vllm_doc2atom.bank import MANIFEST_NAME, AtomBank
 from vllm_doc2atom.bank_interface import AtomRecord, BankSpec
 from vllm_doc2atom.errors import BankError
+from vllm_doc2atom.files import file_sha256
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
-from vllm_doc2atom.shard_files import file_sha256
 
 from .conftest import make_document, make_spec
 

@@ -95,6 +95,12 @@ CASES = {
     "compile_checkpoint_in_study_mode": (
         "compile {tmp}/doc.txt --out {tmp}/bank --checkpoint {tmp}/ckpt",
         ["--checkpoint is for --mode amortized or optimize"], ["bank"]),
+    "compile_missing_reranker": (
+        "compile {tmp}/doc.txt --out {tmp}/bank --reranker {tmp}/no-reranker",
+        ["reranker {tmp}/no-reranker does not exist", "doc2atom router train"], ["bank"]),
+    "compile_reranker_in_amortized_mode": (
+        "compile {tmp}/doc.txt --out {tmp}/bank --mode amortized --reranker none",
+        ["--reranker is for --mode study"], ["bank"]),
     "compile_unknown_module": (
         "compile {tmp}/doc.txt --out {tmp}/bank --modules down_proj,bogus_proj",
         ["unknown module bogus_proj to adapt: choose from q_proj"], ["bank"]),

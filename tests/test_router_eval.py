@@ -15,7 +15,7 @@ import pytest
 from training.atomize.rules import RuleAtomizer
 from training.cli import build_parser, main
 from training.compile.documents import make_atomizer
-from training.router.evaluate import first_gold_rank, summarise
+from training.router.evaluate import first_gold_rank, kept_by_gap, summarise
 from training.router.examples import load_examples, load_split
 from training.router.routing_text import TitledAtomizer, document_about, routing_text, titled_atoms
 from training.router.scorers import BM25Scorer, RerankedScorer
@@ -104,6 +104,8 @@ class _Constant:
 class _Shortest:
     """A toy reranker: the shorter the text, the more relevant."""
 
+    text_kind = "titled"
+
     def score(self, question: str, texts: list[str]) -> np.ndarray:
         return -np.array([len(t) for t in texts], dtype=float)
 
@@ -116,11 +118,19 @@ def test_reranker_reorders_only_the_first_stages_top_k():
     assert np.argsort(-scorer.scores("q", [3, 2])).tolist() == [0, 1]
 
 
+def test_kept_by_gap_keeps_the_best_and_those_near_it():
+    logits = {0: 1.0, 3: 4.0, 5: 3.5, 6: -2.0}
+    assert kept_by_gap(logits, frozenset({0}), 0.0, 3) == (False, 1)  # only atom 3
+    assert kept_by_gap(logits, frozenset({5}), 1.0, 3) == (True, 2)
+    assert kept_by_gap(logits, frozenset({0}), 10.0, 3) == (True, 3)  # at most 3: 3, 5, 0
+    assert kept_by_gap(logits, frozenset({6}), 10.0, 3) == (False, 3)
+
+
 @pytest.fixture
 def fake_reranker(monkeypatch):
-    """`training.router.reranker` as its author defines it, with a toy model (whether or not it exists yet)."""
+    """`training.router.reranker` opening a toy model."""
     module = types.ModuleType("training.router.reranker")
-    module.load_reranker = lambda folder: _Shortest()
+    module.open_reranker = lambda folder: _Shortest()
     monkeypatch.setitem(sys.modules, "training.router.reranker", module)
 
 
@@ -148,6 +158,10 @@ def test_cli_writes_every_method_side_by_side(dataset, tmp_path, capsys, fake_re
         assert scores["seconds_per_question"] > 0
     for scope in ("document", "bank"):  # the reranker re-orders MiniLM's top 8: the same atoms stay in it
         assert methods["reranker"][scope]["recall@8"] == methods["minilm_titled"][scope]["recall@8"]
+    kept = methods["reranker"]["kept"]
+    assert 1.0 <= kept["0.0"]["mean_kept"] <= kept["4.0"]["mean_kept"] <= 3.0  # ties aside: the best alone
+    assert kept["0.0"]["gold_kept"] >= methods["reranker"]["document"]["recall@1"]
+    assert kept["4.0"]["gold_kept"] >= kept["0.0"]["gold_kept"] and "gold kept" in table
 
 
 @pytest.mark.parametrize(("argv", "needle"), [

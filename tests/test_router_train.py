@@ -12,8 +12,9 @@ from training.cli import main
 from training.inputs import InputError
 from training.router.examples import RoutingExample
 from training.router.pairs import document_pairs, mixed_pairs
-from training.router.reranker import CARD, load_reranker
+from training.router.reranker import open_reranker
 from training.router.train import RerankerTrainConfig, fit_reranker, save_trained
+from vllm_doc2atom.reranker import CARD, WEIGHTS
 
 # Each fact's question names its subject; the other atoms share no word with it.
 FACTS = [("zorblat lamp", "glows a deep purple colour"), ("quendil bridge", "spans the river Ost"),
@@ -57,51 +58,58 @@ def test_pairs_put_gold_first_then_same_document_then_other_document_negatives()
 
 
 def test_trained_reranker_scores_the_gold_atom_highest(saved):
-    reranker = load_reranker(saved)
+    reranker = open_reranker(saved)
     for example in toy_examples():
         scores = reranker.score(example.question, list(example.atom_texts))
         assert int(np.argmax(scores)) in example.gold, (example.question, scores)
 
 
 def test_scores_one_finite_logit_per_text_as_the_plugin_hook(saved):
-    reranker = load_reranker(saved, max_length=16)
-    assert reranker.max_length == 16
+    reranker = open_reranker(saved)
+    assert reranker.max_length == 32 and reranker.text_kind == "text"
     texts = ("short", "a much longer atom text " * 20, "third")
     scores = reranker("What about the zorblat lamp?", texts)  # the plugin calls it with any Sequence
     assert scores.shape == (3,) and scores.dtype == np.float32 and np.isfinite(scores).all()
     assert reranker.score("anything", []).shape == (0,)
 
 
-def test_saved_folder_holds_safetensors_and_json_but_no_pickle(saved):
-    names = {p.name for p in saved.rglob("*") if p.is_file()}
-    assert {"model.safetensors", "config.json", "tokenizer.json", CARD} <= names
-    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"))]
+def test_saved_folder_holds_only_the_trained_tensors_in_safetensors_and_the_card(saved):
+    from safetensors import safe_open
+
+    assert {p.name for p in saved.rglob("*")} == {WEIGHTS, CARD}  # no pickle, no copy of the packaged MiniLM
+    with safe_open(str(saved / WEIGHTS), "pt") as f:
+        names = set(f.keys())
+    assert "classifier.weight" in names and "bert.encoder.layer.5.output.dense.weight" in names
+    assert not {n for n in names if "word_embeddings" in n or "position_embeddings" in n}  # frozen
     card = json.loads((saved / CARD).read_text())
-    assert card["base_model"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
-    assert card["max_length"] == 32 and card["steps"] == 8 and card["seed"] == 0
-    assert card["train_split"] == "train" and card["pairs_per_second"] > 0
+    assert card["base"]["name"] == "sentence-transformers/all-MiniLM-L6-v2" and len(card["base"]["sha256"]) == 64
+    assert card["layers"] == 6 and card["max_length"] == 32 and card["steps"] == 8 and card["seed"] == 0
+    assert card["train_split"] == "train" and card["pairs_per_second"] > 0 and card["name"] == "toy"
 
 
 def test_missing_or_corrupt_reranker_is_a_clear_input_error(saved, tmp_path):
     import shutil
 
     with pytest.raises(InputError, match="does not exist"):
-        load_reranker(tmp_path / "nowhere")
+        open_reranker(tmp_path / "nowhere")
     broken = tmp_path / "broken"
     shutil.copytree(saved, broken)
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(InputError, match="cannot be loaded"):
-        load_reranker(broken)
+    card = json.loads((saved / CARD).read_text())
+    (broken / CARD).write_text(json.dumps({**card, "layers": 3}))
+    with pytest.raises(InputError, match="does not fit 3 MiniLM layers"):  # the weights hold 6
+        open_reranker(broken)
+    (broken / CARD).write_text(json.dumps({**card, "base": {**card["base"], "sha256": "0" * 64}}))
+    with pytest.raises(InputError, match="other base weights"):
+        open_reranker(broken)
+    (broken / WEIGHTS).write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="unreadable"):
+        open_reranker(broken)
     (broken / CARD).write_text("{")
     with pytest.raises(InputError, match="not valid JSON"):
-        load_reranker(broken)
+        open_reranker(broken)
     (broken / CARD).unlink()
     with pytest.raises(InputError, match="router train"):
-        load_reranker(broken)
-    shutil.copytree(saved, tmp_path / "pickled")
-    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(InputError, match="pickle"):
-        load_reranker(tmp_path / "pickled")
+        open_reranker(broken)
 
 
 def test_router_train_cli_trains_validates_and_writes_the_card(tmp_path, capsys):
@@ -109,13 +117,13 @@ def test_router_train_cli_trains_validates_and_writes_the_card(tmp_path, capsys)
     assert main(["data", "build", "--source", "synthetic", "--limit", "12", "--out", str(data)]) == 0
     out = tmp_path / "reranker"
     assert main(["router", "train", "--data", str(data), "--out", str(out), "--steps", "2",
-                 "--batch-size", "8", "--max-length", "32"]) == 0
+                 "--batch-size", "8", "--max-length", "32", "--layers", "1"]) == 0
     assert str(out) in capsys.readouterr().out
     card = json.loads((out / CARD).read_text())
     assert card["data"][0]["train_questions"] > 0 and card["config"]["text"] == "titled"
     summary = card["validation_summary"]["synthetic"]
     assert summary["questions"] > 0 and 0 <= summary["reranker_recall@1"] <= 1
-    assert load_reranker(out).score("a question", ["an atom"]).shape == (1,)
+    assert open_reranker(out).score("a question", ["an atom"]).shape == (1,)
     assert main(["router", "train", "--data", str(tmp_path / "none"), "--out", str(out)]) == 2  # one line
     assert main(["router", "train", "--data", str(data), "--out", str(data)]) == 2  # never replace a dataset
     assert "holds other files" in capsys.readouterr().err

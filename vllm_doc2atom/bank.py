@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ FORMAT_NAME = "doc2atom-atom-bank"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 QUERY_PROJECTION = "query_projection.safetensors"  # optional: maps the sentence encoder into the key space
+RERANKER_FOLDER = "reranker"  # optional: the bank's own copy of a reranker that is not shipped with doc2atom
 
 
 @dataclass
@@ -296,6 +298,9 @@ class AtomBank:
 
     # ---- writing -------------------------------------------------------------------------------
 
+    def reranker_folders(self) -> list[Path]:
+        return [self.path / RERANKER_FOLDER]
+
     def query_projection(self) -> np.ndarray | None:
         """The trained query projection stored with the bank, if any."""
         from safetensors import SafetensorError
@@ -312,8 +317,10 @@ class AtomBank:
 
     @classmethod
     def create(cls, path: str | os.PathLike, spec: BankSpec, documents: Iterable[DocumentAtoms],
-               overwrite: bool = False, query_projection: np.ndarray | None = None) -> AtomBank:
-        """Write a new bank atomically: everything goes into a temp dir that is renamed into place."""
+               overwrite: bool = False, query_projection: np.ndarray | None = None,
+               reranker: Path | None = None) -> AtomBank:
+        """Write a new bank atomically: everything goes into a temp dir that is renamed into place.
+        `reranker`: a reranker folder that is not shipped, copied into the bank (its spec names it)."""
         path = Path(path)
         if path.exists() and not overwrite:
             raise BankError(f"{path} already exists (pass overwrite=True to replace it)")
@@ -325,6 +332,8 @@ class AtomBank:
                 save_file({"projection": np.ascontiguousarray(query_projection, dtype=np.float32)},
                           str(tmp / QUERY_PROJECTION))
                 make_readable(tmp / QUERY_PROJECTION)
+            if reranker is not None:
+                shutil.copytree(reranker, tmp / RERANKER_FOLDER)
             entries = [write_shard(tmp, spec, doc) for doc in documents]
             _check_unique_documents(entries)
             _write_manifest(tmp, spec, entries)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from .errors import BankError
 from .fingerprint import MODULE_PARENTS, BaseModelFingerprint
+from .reranker import RerankerIdentity
 from .router_head import RouterHead
 
 if TYPE_CHECKING:
@@ -49,6 +50,9 @@ class BankSpec:
     key_dim: int = 0
     checkpoint: str = ""  # identity of the compiler checkpoint that produced the factors
     router_head: dict[str, Any] | None = None  # trained RouterHead fields; None = the server's default head
+    # {"name", "sha256"} of the stage-2 reranker the bank was calibrated with: the server routes it with that
+    # reranker or not at all (None: stage 1 only, as banks compiled before rerankers)
+    reranker: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.micro_rank < 1:
@@ -66,6 +70,8 @@ class BankSpec:
                 raise BankError(f"target layer {t.layer} outside the base model's {self.base_model.num_layers} layers")
         if self.router_head is not None:
             RouterHead.from_dict(self.router_head)  # refuse a bad head now, not mid-routing
+        if self.reranker is not None:
+            RerankerIdentity.from_dict(self.reranker)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -84,6 +90,7 @@ class BankSpec:
                 key_dim=int(data["key_dim"]),
                 checkpoint=str(data.get("checkpoint", "")),
                 router_head=data.get("router_head"),
+                reranker=data.get("reranker"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BankError(f"manifest spec is malformed: {type(exc).__name__}: {exc}") from exc
@@ -176,3 +183,5 @@ class RoutableBank(Protocol):
     def shard_label(self, row: int) -> str: ...
 
     def check_files(self, shards: bool = True) -> None: ...
+
+    def reranker_folders(self) -> list[Path]: ...  # where the bank keeps its own reranker (if not shipped)

@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 from collections.abc import Sequence
 from functools import cached_property
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -129,6 +129,9 @@ class BankUnion:
         for bank in self.banks:
             bank.check_files(shards)
 
+    def reranker_folders(self) -> list[Path]:
+        return [folder for bank in self.banks for folder in bank.reranker_folders()]
+
 
 def _incompatibility(a: BankSpec, b: BankSpec) -> str | None:
     """Why two banks' atoms cannot be routed and composed together (None: they can)."""
@@ -146,6 +149,8 @@ def _incompatibility(a: BankSpec, b: BankSpec) -> str | None:
     if (a.key_encoder, a.key_dim) != (b.key_encoder, b.key_dim):
         return (f"their keys live in different spaces ({a.key_encoder!r}, {a.key_dim}-d != "
                 f"{b.key_encoder!r}, {b.key_dim}-d)")
+    if a.reranker != b.reranker:
+        return "they were calibrated with different rerankers"
     return _head_difference(a.router_head, b.router_head)
 
 

@@ -3,6 +3,7 @@ renamed into place (a rename within one folder is atomic), and the temp is remov
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -72,3 +73,11 @@ def swap_in(source: Path, path: Path) -> None:
         os.rename(path, old)
     os.rename(source, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

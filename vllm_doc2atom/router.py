@@ -1,7 +1,8 @@
 """The query router: which atoms of a bank does this question need, and how much of each?
 
 Stage 1 embeds the question and takes the cosine top-K over the bank's provenance keys.
-Stage 2 (optional) adds a reranker score and a metadata bias (type priors, answer-bearing
+Stage 2 reads each candidate with a cross-encoder reranker (the one a bank was calibrated with, recorded in
+its spec; or the server's hook with --doc2atom-stage2) and adds a metadata bias (type priors, answer-bearing
 flag, confidence). A logistic head maps the evidence to a weight in [0, 1]; atoms below the
 threshold are dropped, at most one atom per conflict group survives, and an empty result
 means "refuse": no atom covers the question.
@@ -55,8 +56,9 @@ class RoutedAtom:
         BankUnion: union.bank_name_of(self.index)), else the field is left out."""
         a = self.atom
         where = {} if bank is None else {"atom_bank": bank}
+        reranked = {} if self.rerank_score is None else {"rerank_score": round(self.rerank_score, 4)}
         return {**where, "id": a.id, "document_id": a.document_id, "type": a.type, "span": list(a.span),
-                "weight": round(self.weight, 4), "similarity": round(self.similarity, 4)}
+                "weight": round(self.weight, 4), "similarity": round(self.similarity, 4), **reranked}
 
 
 @dataclass
@@ -114,37 +116,74 @@ class Router:
                 rows: np.ndarray) -> RoutingResult:
         cfg = self.config
         hits = [(int(r), float(s)) for r, s in zip(rows, sims) if r >= 0]
-        rerank: list[float | None] = [None] * len(hits)
-        if cfg.stage2 and self.reranker is not None and hits:
-            scores = self.reranker(query, [bank.atoms[r].text for r, _ in hits])
-            rerank = [float(x) for x in scores]
+        reranker, text_kind = self._reranker_of(bank)
         head = _head_of(bank) if bank.spec.router_head else cfg.default_head
-        candidates = [
-            RoutedAtom(r, bank.atoms[r], s, rr, head.weight(s, bank.atoms[r], rr, cfg.stage2))
-            for (r, s), rr in zip(hits, rerank)
-        ]
-        candidates.sort(key=lambda c: c.weight, reverse=True)
+        candidates = weigh_candidates(query, hits, bank.atoms, head, reranker, text_kind,
+                                      stage2=reranker is not None or cfg.stage2)
         threshold = next(t for t in (cfg.threshold_override, head.threshold, DEFAULT_THRESHOLD) if t is not None)
-        kept: list[RoutedAtom] = []
-        groups_taken: set[str] = set()
-        for c in candidates:
-            if c.weight < threshold:
-                break
-            group = c.atom.conflict_group
-            if group is not None:
-                if group in groups_taken:
-                    continue  # a contradicting atom with a higher weight is already in
-                groups_taken.add(group)
-            kept.append(c)
-        if head.max_gap is not None and kept:
-            best = max(c.similarity for c in kept)
-            kept = [c for c in kept if c.similarity >= best - head.max_gap]
-        if head.same_document and kept:
-            kept = [c for c in kept if c.atom.document_id == kept[0].atom.document_id]
-        limits = [n for n in (cfg.max_atoms_cap, head.max_atoms) if n is not None]
-        if limits:
-            kept = kept[: min(limits)]
-        return RoutingResult(query=query, kept=kept, candidates=candidates)
+        return RoutingResult(query=query, kept=keep_atoms(candidates, head, threshold, cfg.max_atoms_cap),
+                             candidates=candidates)
+
+    def _reranker_of(self, bank: RoutableBank) -> tuple[Reranker | None, str]:
+        """The bank's own reranker (the one it was calibrated with) and the text kind it reads; else the
+        server's stage-2 hook when stage 2 is on; else none."""
+        if bank.spec.reranker is not None:
+            from .reranker import RerankerIdentity, reranker_for
+
+            found = reranker_for(RerankerIdentity.from_dict(bank.spec.reranker), bank.reranker_folders(),
+                                 bank.name)
+            return found, found.text_kind
+        if self.config.stage2 and self.reranker is not None:
+            return self.reranker, "text"
+        return None, "text"
+
+
+def weigh_candidates(query: str, hits: Sequence[tuple[int, float]], atoms: Sequence[AtomRecord],
+                     head: RouterHead, reranker: Reranker | None = None, text_kind: str = "text",
+                     stage2: bool = False) -> list[RoutedAtom]:
+    """Stage-1 hits (row, cosine) -> candidates weighed by the head (with the reranker's scores when there is
+    one), highest weight first."""
+    rerank: list[float | None] = [None] * len(hits)
+    if reranker is not None and hits:
+        rerank = [float(x) for x in reranker(query, [rerank_text(atoms[r], text_kind) for r, _ in hits])]
+    candidates = [RoutedAtom(r, atoms[r], s, rr, head.weight(s, atoms[r], rr, stage2))
+                  for (r, s), rr in zip(hits, rerank)]
+    candidates.sort(key=lambda c: c.weight, reverse=True)
+    return candidates
+
+
+def rerank_text(atom: AtomRecord, kind: str) -> str:
+    """What a reranker reads of an atom: its text, or its routing text ("<about>: <text>", `retrieval_text`)."""
+    return atom.retrieval_text or atom.text if kind == "titled" else atom.text
+
+
+def keep_atoms(candidates: Sequence[RoutedAtom], head: RouterHead, threshold: float,
+               max_atoms_cap: int | None = None) -> list[RoutedAtom]:
+    """The candidates (sorted by weight, highest first) a head keeps: weight ≥ threshold, one per conflict
+    group, near the best in cosine (`max_gap`) and in rerank score (`rerank_gap`), of the best atom's document
+    (`same_document`), at most `max_atoms` (and `max_atoms_cap`). Empty: refuse. The compiler fits atoms
+    with exactly these picks for their study questions."""
+    kept: list[RoutedAtom] = []
+    groups_taken: set[str] = set()
+    for c in candidates:
+        if c.weight < threshold:
+            break
+        group = c.atom.conflict_group
+        if group is not None:
+            if group in groups_taken:
+                continue  # a contradicting atom with a higher weight is already in
+            groups_taken.add(group)
+        kept.append(c)
+    if head.max_gap is not None and kept:
+        best = max(c.similarity for c in kept)
+        kept = [c for c in kept if c.similarity >= best - head.max_gap]
+    if head.rerank_gap is not None and kept and kept[0].rerank_score is not None:
+        best = max(c.rerank_score for c in kept if c.rerank_score is not None)
+        kept = [c for c in kept if c.rerank_score is not None and c.rerank_score >= best - head.rerank_gap]
+    if head.same_document and kept:
+        kept = [c for c in kept if c.atom.document_id == kept[0].atom.document_id]
+    limits = [n for n in (max_atoms_cap, head.max_atoms) if n is not None]
+    return kept[: min(limits)] if limits else kept
 
 
 def _head_of(bank: RoutableBank) -> RouterHead:

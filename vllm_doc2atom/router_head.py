@@ -24,17 +24,20 @@ class AtomMetadata(Protocol):
 
 @dataclass
 class RouterHead:
-    """weight = sigmoid(sim_scale·(cos − sim_center) + rerank_scale·rerank + type_bias[type]
+    """weight = sigmoid(sim_scale·(cos − sim_center) + rerank_scale·(rerank − rerank_center) + type_bias[type]
                         + answer_bearing_bias·answer_bearing + confidence_scale·(confidence − 1)).
 
     The defaults suit untrained keys from all-MiniLM-L6-v2 (cos ≥ 0.35 passes a 0.5 threshold);
     a trained checkpoint supplies its own values. The rerank term applies in stage 2 only; the metadata
     terms too, unless `metadata` says they were learned as part of this head (then they always apply).
+    A bank calibrated with a trained reranker has sim_scale 0 and rerank_scale 1: its weight is the
+    reranker's probability that the atom holds the answer (`RERANKED_HEAD`).
     """
 
     sim_scale: float = 20.0
     sim_center: float = 0.35
     rerank_scale: float = 1.0
+    rerank_center: float = 0.0
     type_bias: dict[str, float] = field(default_factory=dict)
     answer_bearing_bias: float = 0.0
     confidence_scale: float = 0.0
@@ -47,11 +50,14 @@ class RouterHead:
     # Keep only atoms of the best atom's document: atoms fitted together per document (self-study) never saw
     # another document's atoms summed with theirs, and such sums garble the right atom's fact.
     same_document: bool = False
+    # Stage 2: drop atoms whose rerank score is more than this below the best kept atom's (the best atom is
+    # kept alone unless the reranker finds others nearly as likely to hold the answer: multi-hop questions).
+    rerank_gap: float | None = None
 
     def weight(self, similarity: float, atom: AtomMetadata | None, rerank: float | None, stage2: bool) -> float:
         logit = self.sim_scale * (similarity - self.sim_center)
         if stage2:
-            logit += self.rerank_scale * (rerank or 0.0)
+            logit += self.rerank_scale * ((rerank or 0.0) - self.rerank_center)
         if stage2 or self.metadata:
             logit += self.type_bias.get(atom.type, 0.0)
             logit += self.answer_bearing_bias * float(atom.answer_bearing)
@@ -117,6 +123,7 @@ def _max_atoms(value: Any) -> str | None:
 # field -> what is wrong with a value (None: nothing)
 _HEAD_FIELDS: dict[str, Callable[[Any], str | None]] = {
     "sim_scale": _float_field, "sim_center": _float_field, "rerank_scale": _float_field,
+    "rerank_center": _float_field, "rerank_gap": _max_gap,
     "type_bias": _type_bias, "answer_bearing_bias": _float_field, "confidence_scale": _float_field,
     "metadata": _bool_field, "threshold": _threshold, "max_atoms": _max_atoms, "max_gap": _max_gap,
     "same_document": _bool_field,

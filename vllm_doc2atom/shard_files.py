@@ -15,7 +15,7 @@ import numpy as np
 
 from .bank_interface import BankSpec, DocumentAtoms
 from .errors import BankError
-from .files import make_readable, temp_name
+from .files import file_sha256, make_readable, temp_name
 
 if TYPE_CHECKING:
     import torch
@@ -154,10 +154,3 @@ def write_shard(bank: Path, spec: BankSpec, doc: DocumentAtoms) -> dict[str, Any
         "atoms": [a.to_dict() for a in doc.atoms],
     }
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -52,11 +52,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--atomizer", choices=["rules", "chunks"], default="rules",
                    help="rules: typed atoms (default); chunks: fixed windows, for a d2l_raw baseline "
                         "checkpoint")
-    p.add_argument("--routing-text", choices=["atom", "titled"], default="atom",
-                   help="what the keys encode: atom (the atomizer's text, default) or titled ('<what the "
-                        "document is about>: <atom text>': its heading or title line, else its file name, else "
-                        "its first sentence's subject); the atoms' text and spans are the same either way. "
-                        "Measure both with `doc2atom router eval`; keep one setting per bank")
+    p.add_argument("--reranker", default="shipped",
+                   help="study: the stage-2 reranker the bank is routed and calibrated with: shipped (default: "
+                        "a MiniLM cross-encoder trained on routing data), none (stage 1 only, as banks before "
+                        "it), or a folder written by `doc2atom router train` (copied into the bank)")
+    p.add_argument("--routing-text", choices=["atom", "titled"], default=None,
+                   help="what keys and reranker read of an atom: atom (the atomizer's text) or titled ('<what "
+                        "the document is about>: <atom text>': its heading or title line, else its file name, "
+                        "else its first sentence's subject); default: titled with the shipped reranker (it was "
+                        "trained on it), else atom. The atoms' text and spans are the same either way")
     p.set_defaults(func=run)
 
 
@@ -72,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     bank, stats = compile_documents(documents, args.out, mode=args.mode, checkpoint=args.checkpoint,
                                     model_dir=args.model, overwrite=args.overwrite, atomizer=args.atomizer,
                                     add=args.add, study=study, routing_text=args.routing_text,
+                                    reranker=args.reranker,
                                     refine=RefineConfig(steps=args.refine_steps, lr=args.refine_lr))
     print(json.dumps({"bank": str(bank.path), **stats}, indent=2))
     return 0
@@ -86,6 +91,8 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def check_mode(args: argparse.Namespace) -> None:
-    """--checkpoint goes with --mode amortized or optimize only."""
+    """--checkpoint goes with --mode amortized or optimize only, --reranker with study."""
     if args.checkpoint and args.mode == "study":
         raise InputError("--checkpoint is for --mode amortized or optimize; study mode needs no checkpoint")
+    if getattr(args, "reranker", "shipped") != "shipped" and args.mode != "study":
+        raise InputError("--reranker is for --mode study; amortized banks are routed by their checkpoint's head")

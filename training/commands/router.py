@@ -10,7 +10,6 @@ from ..inputs import InputError, dataset_folder
 
 logger = logging.getLogger(__name__)
 
-RERANKER_MODULE = "training.router.reranker"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +52,7 @@ def add_train_parser(router: argparse._SubParsersAction) -> None:
         description="Fine-tune the packaged all-MiniLM-L6-v2 under a new 1-logit head on (question, atom) "
                     "pairs of the TRAIN splits: gold atoms positive, other atoms of the same document and "
                     "random atoms of other documents negative. Then measure it on the validation splits as "
-                    "`router eval` does and write OUT: safetensors + JSON + reranker.json (the card).")
+                    "`router eval` does and write OUT: reranker.safetensors + reranker.json (the card).")
     p.add_argument("--data", action="append", required=True,
                    help="a built dataset folder (repeatable: all are mixed)")
     p.add_argument("--out", required=True, help="the reranker folder to write")
@@ -64,6 +63,9 @@ def add_train_parser(router: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=default.lr, help=f"default {default.lr}")
     p.add_argument("--max-length", type=int, default=default.max_length,
                    help=f"tokens of question + atom text (default {default.max_length})")
+    p.add_argument("--layers", type=int, default=default.layers, choices=range(1, 7), metavar="1-6",
+                   help=f"MiniLM layers kept: fewer score faster, more rank better (default {default.layers})")
+    p.add_argument("--name", default="", help="the reranker's name in its card and in banks (default: OUT's)")
     p.add_argument("--text", choices=PAIR_TEXTS, default=default.text,
                    help=f"what the reranker reads of an atom, as `router eval --reranker-text` (default "
                         f"{default.text})")
@@ -78,7 +80,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = RerankerTrainConfig(data=args.data, out=args.out, max_pairs=args.max_pairs, steps=args.steps,
                                  batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
-                                 text=args.text, validate=not args.no_validation, seed=args.seed,
+                                 text=args.text, layers=args.layers, name=args.name,
+                                 validate=not args.no_validation, seed=args.seed,
                                  device=args.device)
     print(train_reranker(config))
     return 0
@@ -86,31 +89,19 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..router.evaluate import RouterEvalConfig, evaluate_routing, format_table, write_results
+    from ..router.reranker import open_reranker
 
     if args.out and Path(args.out).is_dir():
         raise InputError(f"--out {args.out} is a folder: give the path of a .json file to write")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     for folder in args.data:
         dataset_folder(folder)  # a missing folder is reported before the reranker loads
-    reranker = load_reranker(args.reranker) if args.reranker else None
-    trained_on = getattr(reranker, "card", {}).get("config", {}).get("text")  # the text kind it was trained on
+    reranker = open_reranker(args.reranker) if args.reranker else None
     config = RouterEvalConfig(data=args.data, split=args.split, methods=methods, rerank_top_k=args.rerank_top_k,
-                              rerank_text=args.reranker_text or trained_on or "titled",
+                              rerank_text=args.reranker_text or (reranker.text_kind if reranker else "titled"),
                               reranker_folder=args.reranker)
     results = evaluate_routing(config, reranker)
     if args.out:
         write_results(results, config, args.out)
     print(format_table(results, args.split))
     return 0
-
-
-def load_reranker(folder: str):
-    """The reranker in `folder`; None (with a warning) where `training.router.reranker` does not exist."""
-    try:
-        from ..router.reranker import load_reranker as load
-    except ModuleNotFoundError as err:
-        if err.name != RERANKER_MODULE:
-            raise
-        logger.warning("no %s module: the reranker column is skipped", RERANKER_MODULE)
-        return None
-    return load(folder)

@@ -28,19 +28,22 @@ __all__ = ["MODES", "AmortizedCompiler", "DocumentCompiler", "RefineConfig", "St
 
 def make_compiler(mode: str = "study", checkpoint: str | Path | None = None, model_dir: str | Path | None = None,
                   refine: RefineConfig | None = None, study: StudyConfig | None = None,
-                  atomizer: str = "rules", routing_text: str = "atom") -> DocumentCompiler:
-    """The document compiler of a mode. study: model_dir (default: the packaged default model); amortized and
-    optimize: a checkpoint (default: the shipped one) and its base model. routing_text: see make_atomizer."""
+                  atomizer: str = "rules", routing_text: str | None = None,
+                  reranker: str | None = "shipped") -> DocumentCompiler:
+    """The document compiler of a mode. study: model_dir (default: the packaged default model) and the
+    reranker its banks are routed with (study_routing.study_router); amortized and optimize: a checkpoint
+    (default: the shipped one) and its base model, stage 1 only. routing_text: see make_atomizer (default:
+    what the reranker reads, else "atom")."""
     if mode == "study":
         from ..models import DEFAULT_MODEL, resolve_model
 
         return StudyCompiler(resolve_model(model_dir or DEFAULT_MODEL), study, atomizer,
-                             routing_text=routing_text)
+                             routing_text=routing_text, reranker=reranker)
     if mode in ("amortized", "optimize"):
         from ..amortized.shipped import shipped_checkpoint
 
         return AmortizedCompiler(checkpoint or shipped_checkpoint(), model_dir, mode, refine, atomizer,
-                                 routing_text)
+                                 routing_text or "atom")
     raise ValueError(f"unknown compile mode {mode!r} (choose from {', '.join(MODES)})")
 
 
@@ -48,7 +51,8 @@ def compile_documents(documents: Mapping[str, str], out: str | Path, mode: str =
                       checkpoint: str | Path | None = None, model_dir: str | Path | None = None,
                       overwrite: bool = False, refine: RefineConfig | None = None,
                       study: StudyConfig | None = None, atomizer: str = "rules",
-                      add: bool = False, routing_text: str = "atom") -> tuple[AtomBank, dict]:
+                      add: bool = False, routing_text: str | None = None,
+                      reranker: str | None = "shipped") -> tuple[AtomBank, dict]:
     """Compile documents into a bank at `out` (with `add`: into the existing bank there). Returns the bank and
     its stats (timings, atoms/s, bytes per atom, peak memory, and the mode's own). Raises InputError, before
     loading any model, when there is no document to compile or `out` is a file (with `add`: not a bank)."""
@@ -58,6 +62,6 @@ def compile_documents(documents: Mapping[str, str], out: str | Path, mode: str =
     if add and Path(out).exists():
         AtomBank.load(out, verify=False)  # the bank to add to: a BankError now, not after loading the model
     start = time.perf_counter()
-    compile_one = make_compiler(mode, checkpoint, model_dir, refine, study, atomizer, routing_text)
+    compile_one = make_compiler(mode, checkpoint, model_dir, refine, study, atomizer, routing_text, reranker)
     return compile_with(compile_one, documents, out, overwrite=overwrite, add=add,
                         load_seconds=time.perf_counter() - start)

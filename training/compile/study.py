@@ -3,8 +3,10 @@
 Per document: study questions for each atom (rules + the base model, `training.study.questions`), the base model
 READING the document answers them (the teacher, top-k log-probabilities kept), and the document's atoms are fitted
 together so that the base model WITHOUT the document, with the atoms composed as the server will compose them,
-answers the same (`training.study.fit`). Keys are the sentence encoder's embeddings of the atoms (no trained
-projection); the refusal threshold is calibrated on the bank's own study questions against off-topic probes.
+answers the same (`training.study.fit`). Keys are the sentence encoder's embeddings of the atoms' routing text
+(no trained projection). The study questions are routed as the server will route them — stage 1, then the
+shipped reranker (`study_routing.py`) — and the atoms fitted in those compositions; the refusal threshold is
+calibrated on the reranker's scores of the bank's own study questions against off-topic probes.
 
 Questions + teacher answers and fitted factors are cached by content under $DOC2ATOM_CACHE/study, so a rerun or
 `compile --add` skips the documents already done.
@@ -16,7 +18,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -28,7 +30,6 @@ from vllm_doc2atom.bank import AtomBank
 from vllm_doc2atom.bank_interface import AtomRecord, BankSpec, DocumentAtoms, Target
 from vllm_doc2atom.files import atomic_file, atomic_write_text
 from vllm_doc2atom.fingerprint import MODULE_PARENTS, BaseModelFingerprint
-from vllm_doc2atom.router_head import RouterHead
 
 from ..data.teacher import teacher_messages
 from ..inputs import InputError
@@ -40,16 +41,12 @@ from ..study.general_probes import OFF_TOPIC_PROBES
 from ..study.generation import chat_prompt_ids, end_of_turn_id, generate
 from ..thresholds import refusal_threshold
 from .documents import make_atomizer
+from .study_routing import StudyRouter, study_router
 
 logger = logging.getLogger(__name__)
 
-STUDY_VERSION = 3  # bump when cached questions, answers or factors would change for the same inputs
+STUDY_VERSION = 4  # bump when cached questions, answers or factors would change for the same inputs
 FIXED_ANSWER_TOKENS = 48  # an atom's own text as an answer: longer ones are cut (and then not taught to stop)
-# Sentence-encoder keys put the right atom in the top 3 for ~9 in 10 questions (top 1: less than half), so the
-# server composes up to 3 atoms, and the atoms are fitted in exactly such compositions — of one document's atoms,
-# so the server keeps only the best atom's document (a bank of several documents would sum atoms never fitted
-# together).
-STUDY_HEAD = RouterHead(max_atoms=3, same_document=True)
 
 
 @dataclass
@@ -101,27 +98,33 @@ class StudyCompiler:
     mode = "study"
 
     def __init__(self, model_dir: str | Path, config: StudyConfig | None = None, atomizer: str = "rules",
-                 monolithic: bool = False, routing_text: str = "atom") -> None:
+                 monolithic: bool = False, routing_text: str | None = None,
+                 reranker: str | None = "shipped") -> None:
+        """reranker: "shipped", "none" or a trained reranker's folder (study_routing.study_router); the
+        monolithic baseline is one atom per document and never reranked. routing_text (what keys and reranker
+        read, make_atomizer): default "titled" when the reranker was trained on titled text, else "atom"."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from vllm_doc2atom.encoders import SentenceTransformerEncoder
 
         self.config = config or StudyConfig()
+        self.encoder = SentenceTransformerEncoder()
+        self.router: StudyRouter = study_router(None if monolithic else reranker, self.encoder)  # checked first
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.model.requires_grad_(False)
         self.base = BaseModelFingerprint.from_model_dir(model_dir)
-        self.encoder = SentenceTransformerEncoder()
         self.targets = self.config.targets(self.base)
         self.hooks = LoRAHooks(self.model, self.targets)
         # the Doc-to-LoRA baseline: ONE adapter per document, of rank = rank × its atoms (the same parameters),
         # fitted on all of the document's study questions
         self.monolithic = monolithic
-        self.atomizer = make_atomizer(atomizer, routing_text)
+        self.atomizer = make_atomizer(atomizer, routing_text or ("titled" if self.router.text_kind == "titled"
+                                                                 else "atom"))
         self.spec = BankSpec(base_model=self.base, targets=self.targets, micro_rank=self.config.rank,
                              lora_scaling=1.0, key_encoder=self.encoder.identity, key_dim=self.encoder.dim,
-                             checkpoint=f"self-study-v{STUDY_VERSION}", router_head=asdict(STUDY_HEAD))
+                             checkpoint=f"self-study-v{STUDY_VERSION}", **self.router.spec_fields(None))
         self.timings = StudyTimings()
         self.positives: dict[str, list[float]] = {}  # doc id -> top router weight of each study question
         self.cache_dir = cache_root() / "study"
@@ -278,18 +281,15 @@ class StudyCompiler:
 
     def _route(self, examples: list[Example], questions: list[q.StudyQuestion], keys: torch.Tensor,
                atoms: list[AtomRecord]) -> list[float]:
-        """The router's picks for every study question, as the server will make them (top-k cosine, default
-        head, weight ≥ 0.5): the compositions to train with. Returns the top weight of each asked question."""
-        head = STUDY_HEAD
-        texts = [x.text for x in questions]
-        sims = self.encoder.encode(texts) @ keys.numpy().T  # [Q, n]
+        """The router's picks for every study question, as the server will make them (stage-1 top-k, the
+        reranker, the head, weight ≥ 0.5): the compositions to train with. Returns the top weight of each
+        asked question (recitals aside): the refusal calibration's positives."""
+        candidates = self.router.candidates([x.text for x in questions], atoms, keys.numpy())
         top = []
-        for example, x, row in zip(examples, questions, sims):
-            weights = [(i, head.weight(float(s), atoms[i], None, False)) for i, s in enumerate(row)]
-            weights.sort(key=lambda iw: -iw[1])
-            example.routed = [(i, round(w, 3)) for i, w in weights[: head.max_atoms] if w >= 0.5]
+        for example, x, routed in zip(examples, questions, candidates):
+            example.routed = self.router.picks(routed)
             if x.source != "recital":
-                top.append(weights[0][1])
+                top.append(routed[0].weight)
         return top
 
     # ---- the bank ----------------------------------------------------------------------------------------
@@ -297,18 +297,18 @@ class StudyCompiler:
     def calibrated_spec(self, compiled: list[DocumentAtoms]) -> BankSpec:
         """The spec with the refusal threshold chosen between the study questions of these documents and
         off-topic probes, each scored by its best atom's router weight in a bank of exactly these atoms."""
-        head = STUDY_HEAD
         positives = [w for c in compiled for w in self.positives.get(c.document_id, [])]
         threshold = None
         if compiled and positives:
             keys = np.concatenate([c.tensors["keys"].numpy() for c in compiled])
-            sims = (self._probe_embeddings @ keys.T).max(1)
-            threshold = refusal_threshold(positives, [head.weight(float(s), None, None, False) for s in sims])
-        return BankSpec(**{**self.spec.__dict__, "router_head": asdict(replace(STUDY_HEAD, threshold=threshold))})
+            atoms = [a for c in compiled for a in c.atoms]
+            probes = self.router.candidates(OFF_TOPIC_PROBES, atoms, keys, self._probe_embeddings)
+            threshold = refusal_threshold(positives, [routed[0].weight for routed in probes])
+        return BankSpec(**{**self.spec.__dict__, **self.router.spec_fields(threshold)})
 
     def create_bank(self, out: str | Path, compiled: list[DocumentAtoms], overwrite: bool = False) -> AtomBank:
         self.spec = self.calibrated_spec(compiled)
-        return AtomBank.create(out, self.spec, compiled, overwrite=overwrite)
+        return AtomBank.create(out, self.spec, compiled, overwrite=overwrite, reranker=self.router.copy_from)
 
     def compatible(self, spec: BankSpec) -> bool:
         """Same model, targets, rank and key space: the threshold of the bank is kept."""
@@ -331,7 +331,9 @@ class StudyCompiler:
     def _cache_key(self, text: str, atoms: list[AtomRecord]) -> str:
         # the atoms, not the atomizer's name: a fit has one row per atom and routes its questions over their
         # keys, so a document cut differently (another atomizer or version) refits
+        reranker = self.router.identity
         identity = {"v": STUDY_VERSION, "model": self.base.to_dict(), "monolithic": self.monolithic,
+                    "reranker": None if reranker is None else reranker.sha256,
                     "config": asdict(self.config), "text": text,
                     "atoms": [(a.text, a.retrieval_text) for a in atoms]}
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]

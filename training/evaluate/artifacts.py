@@ -30,6 +30,7 @@ class MethodRecipe:
     refine_lr: float = 1e-3
     model: str | None = None  # study mode: the base model
     monolithic: bool = False  # study mode: one adapter per document (the Doc-to-LoRA baseline)
+    reranker: str = "shipped"  # study mode: the reranker its banks are routed with ("none": stage 1 only)
 
 
 def artifact_name(method: str, document_id: str) -> str:
@@ -53,7 +54,8 @@ def compile_method(method: str, recipe: MethodRecipe, documents: dict[str, str],
     from ..compile import AmortizedCompiler, RefineConfig, StudyCompiler, peak_memory_mb
 
     if recipe.mode == "study":
-        compiler = StudyCompiler(recipe.model, atomizer=recipe.atomizer, monolithic=recipe.monolithic)
+        compiler = StudyCompiler(recipe.model, atomizer=recipe.atomizer, monolithic=recipe.monolithic,
+                                 reranker=recipe.reranker)
     else:
         compiler = AmortizedCompiler(recipe.checkpoint, mode=recipe.mode, atomizer=recipe.atomizer,
                                      refine=RefineConfig(recipe.refine_steps, recipe.refine_lr))

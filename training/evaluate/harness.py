@@ -97,7 +97,8 @@ def recipes_for(config: EvalConfig, model_dir: Path) -> tuple[dict[str, MethodRe
             continue
         if entry.study:
             recipes[method] = MethodRecipe(None, mode="study", model=str(model_dir),
-                                           monolithic=entry.artifact is Artifact.MONOLITHIC)
+                                           monolithic=entry.artifact is Artifact.MONOLITHIC,
+                                           reranker="shipped" if entry.reranked else "none")
             continue
         if not checkpoints[method]:
             skipped[method] = "no checkpoint given"

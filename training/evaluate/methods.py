@@ -24,6 +24,7 @@ class Method:
     # composed adapter (True) or instead of it ("only"). Their banks are doc2atom_study's, compiled again under
     # their own names: the self-study cache makes that free.
     evidence: bool | Literal["only"] = False
+    reranked: bool = True  # study banks: routed with the shipped reranker (False: stage 1 only, as before it)
 
 
 # In the order `doc2atom eval --methods` lists them and the results show them.
@@ -36,6 +37,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("doc2atom", Artifact.ROUTED),
     Method("doc2atom_optimize", Artifact.ROUTED),
     Method("doc2atom_study", Artifact.ROUTED, study=True),
+    Method("doc2atom_study_stage1", Artifact.ROUTED, study=True, reranked=False),
     Method("doc2atom_evidence", Artifact.ROUTED, study=True, evidence=True),
     Method("doc2atom_text", Artifact.ROUTED, study=True, evidence="only"),
 )}

@@ -42,6 +42,10 @@ class RouterEvalConfig:
     rerank_top_k: int = 8  # the reranker re-orders this many of MiniLM's best
     rerank_text: str = "titled"  # the text kind the reranker (and its MiniLM first stage) reads
     reranker_folder: str | None = None  # recorded in the results
+    # the atoms a reranked bank keeps (within the question's document): the best, and others within each gap
+    # of its logit, at most `kept_max` (study_routing.RERANKED_HEAD)
+    kept_gaps: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0)
+    kept_max: int = 3
 
 
 @dataclass
@@ -50,6 +54,8 @@ class MethodResult:
     bank: dict[str, float]  # the same, ranking every atom of the split's documents
     seconds_per_question: float  # ranking the whole bank (question encoding included)
     index_seconds: float  # encoding or indexing the bank's atoms once
+    # reranker only, per rerank gap: share of questions with a gold atom among the kept, mean atoms kept
+    kept: dict[str, dict[str, float]] | None = None
 
 
 @dataclass
@@ -114,6 +120,7 @@ def evaluate_loaded(folder: str, bank: SplitBank, examples: list[RoutingExample]
         index_seconds["reranker"] = index_seconds.get(f"minilm_{config.rerank_text}",
                                                       time.perf_counter() - start)
     ranks: dict[str, dict[str, list[int]]] = {method: {scope: [] for scope in SCOPES} for method in scorers}
+    kept: dict[float, list[tuple[bool, int]]] = {gap: [] for gap in config.kept_gaps}  # (gold kept, kept)
     seconds = dict.fromkeys(scorers, 0.0)
     name = dataset_name(folder)
     for example in tqdm(examples, desc=f"router eval {name}", unit="question"):
@@ -127,14 +134,28 @@ def evaluate_loaded(folder: str, bank: SplitBank, examples: list[RoutingExample]
             ranks[method]["bank"].append(first_gold_rank(scores, gold))
             within = scorer.scores(example.question, rows)
             ranks[method]["document"].append(first_gold_rank(within, gold[rows.start : rows.stop]))
+            if isinstance(scorer, RerankedScorer):
+                for gap in config.kept_gaps:
+                    kept[gap].append(kept_by_gap(scorer.last, example.gold, gap, config.kept_max))
     result = DatasetResult(name, str(folder), len(bank.documents), len(bank.atoms), len(examples))
     for method in scorers:
         result.methods[method] = MethodResult(
             document=summarise(ranks[method]["document"], config.cutoffs),
             bank=summarise(ranks[method]["bank"], config.cutoffs),
             seconds_per_question=round(seconds[method] / len(examples), 5),
-            index_seconds=round(index_seconds[method], 3))
+            index_seconds=round(index_seconds[method], 3),
+            kept={str(gap): {"gold_kept": float(np.mean([g for g, _ in pairs])),
+                             "mean_kept": float(np.mean([n for _, n in pairs]))} for gap, pairs in kept.items()}
+            if method == "reranker" else None)
     return result
+
+
+def kept_by_gap(logits: dict[int, float], gold: frozenset[int], gap: float, most: int) -> tuple[bool, int]:
+    """(a gold atom is kept, atoms kept) when the best reranked atom is kept with every other within `gap`
+    logits of it, at most `most`."""
+    order = sorted(logits, key=lambda i: -logits[i])
+    kept = [i for i in order if logits[i] >= logits[order[0]] - gap][:most]
+    return bool(set(kept) & gold), len(kept)
 
 
 def evaluate_routing(config: RouterEvalConfig, reranker: RerankerModel | None = None) -> list[DatasetResult]:
@@ -172,6 +193,11 @@ def format_table(results: list[DatasetResult], split: str) -> str:
             bank = " ".join(f"{r.bank[m]:6.3f}" for m in metrics)
             lines.append(f"{result.name[:20]:<20} {method:<14} {result.questions:>5} |           {doc} |"
                          f"            {bank} | {r.seconds_per_question:7.4f}")
+    for result in results:
+        kept = result.methods["reranker"].kept if "reranker" in result.methods else None
+        for gap, k in (kept or {}).items():
+            lines.append(f"{result.name[:20]:<20} reranker keeps (gap {gap}): gold kept {k['gold_kept']:.3f}, "
+                         f"{k['mean_kept']:.2f} atoms")
     counts = "; ".join(f"{r.name}: {r.documents} documents, {r.atoms} atoms" for r in results)
     return "\n".join(lines + [f"split {split}; {counts}"])
 

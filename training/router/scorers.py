@@ -71,6 +71,7 @@ class RerankedScorer:
 
     def __init__(self, base: Scorer, reranker: RerankerModel, texts: list[str], top_k: int = 8) -> None:
         self.base, self.reranker, self.texts, self.top_k = base, reranker, texts, top_k
+        self.last: dict[int, float] = {}  # the last call's reranked positions (in `rows`) -> reranker logit
 
     def scores(self, question: str, rows: Rows = None) -> np.ndarray:
         base = self.base.scores(question, rows)
@@ -78,6 +79,7 @@ class RerankedScorer:
         top = np.argsort(-base, kind="stable")[: self.top_k]
         texts = [self.texts[rows[i]] for i in top]
         reranked = np.asarray(self.reranker.score(question, texts), dtype=np.float64)
+        self.last = {int(i): float(x) for i, x in zip(top, reranked)}
         out = base.astype(np.float64)
         order = top[np.argsort(-reranked, kind="stable")]
         out[order] = out.max() + 1.0 + np.arange(len(order), 0, -1)  # above every other row, in reranked order
