@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from vllm_doc2atom.bank import AtomBank
+from vllm_doc2atom.bank_interface import RerankerIdentity
 from vllm_doc2atom.errors import BankError, BankErrorKind
 from vllm_doc2atom.reranker import (
     CARD,
     SHIPPED_FOLDER,
     WEIGHTS,
-    RerankerIdentity,
     load_reranker,
     reranker_for,
     shipped_identity,

@@ -294,6 +294,7 @@ class AtomBank:
             "micro_rank": self.spec.micro_rank,
             "key_encoder": self.spec.key_encoder,
             "key_dim": self.spec.key_dim,
+            "reranker": self.spec.reranker["name"] if self.spec.reranker else None,
         }
 
     # ---- writing -------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import numpy as np
 
 from .errors import BankError
 from .fingerprint import MODULE_PARENTS, BaseModelFingerprint
-from .reranker import RerankerIdentity
 from .router_head import RouterHead
 
 if TYPE_CHECKING:
@@ -36,6 +35,25 @@ class Target:
     def parse(cls, key: str) -> Target:
         layer, module = key.split(".", 1)
         return cls(module=module, layer=int(layer))
+
+
+@dataclass(frozen=True)
+class RerankerIdentity:
+    """What a bank records of the reranker it was calibrated with."""
+
+    name: str
+    sha256: str  # of reranker.safetensors
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RerankerIdentity:
+        ok = isinstance(data, dict) and set(data) == {"name", "sha256"} and all(
+            isinstance(v, str) and v for v in data.values())
+        if not ok or len(data["sha256"]) != 64:
+            raise BankError(f"malformed reranker identity in the manifest: {str(data)[:80]}")
+        return cls(data["name"], data["sha256"])
 
 
 @dataclass

@@ -39,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--doc2atom-threshold", type=float, default=None,
                        help="Router weight below which an atom is dropped; no atom left means refusal "
                             "(default: each bank's threshold, calibrated with its checkpoint; else 0.5).")
-    group.add_argument("--doc2atom-stage2", action="store_true", help="Rerank with metadata bias (stage 2).")
+    group.add_argument("--doc2atom-stage2", action="store_true",
+                       help="Banks without a reranker of their own: add metadata bias (stage 2). Banks compiled "
+                            "with a reranker are always routed with it.")
     group.add_argument("--doc2atom-on-refusal", choices=["refuse", "base"], default="refuse",
                        help="When no atom covers a question: answer the refusal message without a model call "
                             "(refuse), or let the base model answer (base).")

@@ -22,13 +22,13 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .bank_interface import RerankerIdentity
 from .encoders import MINILM_IDENTITY, packaged_minilm_path
 from .errors import BankError, BankErrorKind
 from .files import file_sha256
@@ -47,25 +47,6 @@ SHIPPED_FOLDER = Path(__file__).parent / "resources" / "reranker"
 # Frozen in training and read from the packaged MiniLM: 12M of MiniLM's 22M parameters, never shipped.
 FROZEN = ("bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight")
 TEXT_KINDS = ("text", "titled")  # what a reranker reads of an atom: its text, or "<about>: <text>"
-
-
-@dataclass(frozen=True)
-class RerankerIdentity:
-    """What a bank records of the reranker it was calibrated with."""
-
-    name: str
-    sha256: str  # of reranker.safetensors
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> RerankerIdentity:
-        ok = isinstance(data, dict) and set(data) == {"name", "sha256"} and all(
-            isinstance(v, str) and v for v in data.values())
-        if not ok or len(data["sha256"]) != 64:
-            raise BankError(f"malformed reranker identity in the manifest: {str(data)[:80]}")
-        return cls(data["name"], data["sha256"])
 
 
 class CrossEncoderReranker:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .bank_interface import AtomRecord, RoutableBank
+from .bank_interface import AtomRecord, RerankerIdentity, RoutableBank
 from .encoders import QueryEncoder
 from .errors import BankError, BankErrorKind
 from .key_index import KeyIndex, KeyIndexConfig
@@ -128,7 +128,7 @@ class Router:
         """The bank's own reranker (the one it was calibrated with) and the text kind it reads; else the
         server's stage-2 hook when stage 2 is on; else none."""
         if bank.spec.reranker is not None:
-            from .reranker import RerankerIdentity, reranker_for
+            from .reranker import reranker_for
 
             found = reranker_for(RerankerIdentity.from_dict(bank.spec.reranker), bank.reranker_folders(),
                                  bank.name)

@@ -16,14 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from vllm_doc2atom.bank_interface import AtomRecord
+from vllm_doc2atom.bank_interface import AtomRecord, RerankerIdentity
 from vllm_doc2atom.encoders import SentenceTransformerEncoder
 from vllm_doc2atom.reranker import (
     CARD,
     SHIPPED_FOLDER,
     WEIGHTS,
     CrossEncoderReranker,
-    RerankerIdentity,
     load_reranker,
     shipped_identity,
 )
