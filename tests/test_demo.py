@@ -42,5 +42,5 @@ def test_demo_answers_from_the_bank_with_sources_refuses_off_topic_and_cleans_up
     # ... and again with the routed atoms' text (atom_evidence), each with a verdict, then a summary
     assert len(re.findall(r"atom_evidence='only': (?:right|wrong)\)", out)) == len(composed)
     assert re.search(r"facts right: \d of 4 from the adapter alone, \d of 4 with atom_evidence='only'", out)
-    assert "- w=" in out and "server stopped" in out
+    assert "- w=" in out and " rerank " in out and "server stopped" in out  # routed with the shipped reranker
     assert set(Path(tempfile.gettempdir()).glob("doc2atom-demo-*")) == before  # nothing left behind

@@ -92,7 +92,8 @@ def run_demo(model_dir: Path, checkpoint: Path | None = None, work_dir: Path | N
                       f"({'cached' if provenance['cache_hit'] else 'new'} adapter {provenance['adapter']}):")
                 for atom in provenance["atoms"]:
                     start, end = atom["span"]
-                    print(f"   - w={atom['weight']:.2f} {atom['id']:<28} "
+                    reranked = f" rerank {atom['rerank_score']:+.1f}" if "rerank_score" in atom else ""
+                    print(f"   - w={atom['weight']:.2f}{reranked} {atom['id']:<28} "
                           f"{documents[atom['document_id']][start:end][:72]!r}")
         in_scope = sum(expected is not None for _, expected in QUESTIONS)
         print(f"\nfacts right: {right['adapter']} of {in_scope} from the adapter alone, {right['evidence']} of "

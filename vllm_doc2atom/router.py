@@ -160,13 +160,19 @@ def rerank_text(atom: AtomRecord, kind: str) -> str:
 def keep_atoms(candidates: Sequence[RoutedAtom], head: RouterHead, threshold: float,
                max_atoms_cap: int | None = None) -> list[RoutedAtom]:
     """The candidates (sorted by weight, highest first) a head keeps: weight ≥ threshold, one per conflict
-    group, near the best in cosine (`max_gap`) and in rerank score (`rerank_gap`), of the best atom's document
-    (`same_document`), at most `max_atoms` (and `max_atoms_cap`). Empty: refuse. The compiler fits atoms
+    group, near the best in cosine (`max_gap`), of the best atom's document (`same_document`), at most
+    `max_atoms` (and `max_atoms_cap`). A head with a `rerank_gap` lets the reranker choose: candidates in rerank
+    order, the best kept and others within `rerank_gap` of its score. Empty: refuse. The compiler fits atoms
     with exactly these picks for their study questions."""
+    reranked = head.rerank_gap is not None and bool(candidates) and candidates[0].rerank_score is not None
+    if reranked:
+        candidates = sorted(candidates, key=lambda c: -(c.rerank_score or 0.0))
     kept: list[RoutedAtom] = []
     groups_taken: set[str] = set()
     for c in candidates:
         if c.weight < threshold:
+            if reranked:
+                continue  # a lower-ranked atom may still pass
             break
         group = c.atom.conflict_group
         if group is not None:
@@ -177,9 +183,9 @@ def keep_atoms(candidates: Sequence[RoutedAtom], head: RouterHead, threshold: fl
     if head.max_gap is not None and kept:
         best = max(c.similarity for c in kept)
         kept = [c for c in kept if c.similarity >= best - head.max_gap]
-    if head.rerank_gap is not None and kept and kept[0].rerank_score is not None:
-        best = max(c.rerank_score for c in kept if c.rerank_score is not None)
-        kept = [c for c in kept if c.rerank_score is not None and c.rerank_score >= best - head.rerank_gap]
+    if reranked and kept:
+        best = kept[0].rerank_score or 0.0
+        kept = [c for c in kept if (c.rerank_score or 0.0) >= best - (head.rerank_gap or 0.0)]
     if head.same_document and kept:
         kept = [c for c in kept if c.atom.document_id == kept[0].atom.document_id]
     limits = [n for n in (max_atoms_cap, head.max_atoms) if n is not None]

@@ -331,9 +331,10 @@ class StudyCompiler:
     def _cache_key(self, text: str, atoms: list[AtomRecord]) -> str:
         # the atoms, not the atomizer's name: a fit has one row per atom and routes its questions over their
         # keys, so a document cut differently (another atomizer or version) refits
-        reranker = self.router.identity
+        reranker = self.router.identity  # and its head: the picks the atoms are fitted in
+        routing = {} if reranker is None else {"head": asdict(self.router.head)}
         identity = {"v": STUDY_VERSION, "model": self.base.to_dict(), "monolithic": self.monolithic,
-                    "reranker": None if reranker is None else reranker.sha256,
+                    "reranker": None if reranker is None else reranker.sha256, **routing,
                     "config": asdict(self.config), "text": text,
                     "atoms": [(a.text, a.retrieval_text) for a in atoms]}
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -2,7 +2,7 @@
 the atoms are fitted in) and the refusal threshold (study questions against off-topic probes) come from the
 server's own routing code (`vllm_doc2atom.router`), with the reranker the bank will be served with.
 
-    question --MiniLM--> cosine top-8 of the atoms --reranker--> P(atom holds the answer) --head--> kept atoms
+    question --MiniLM--> cosine top-8 of the atoms --reranker--> rerank scores --head--> kept atoms, weights
 
 A bank compiled with a reranker records it ({"name", "sha256"}); the server routes it with exactly that one.
 """
@@ -39,11 +39,13 @@ TOP_K = 8  # stage-1 candidates per question, as the server's --doc2atom-top-k d
 # a bank routed by them composes up to 3 atoms of the best atom's document (atoms fitted together per document
 # never saw another document's atoms summed with theirs).
 STAGE1_HEAD = RouterHead(max_atoms=3, same_document=True)
-# With the reranker an atom's weight is its probability of holding the answer: the best atom is kept, others
-# only within RERANK_GAP logits of it (chosen on validation splits: docs/results.md, "Routing served").
+# With the reranker, the reranker chooses: the atom it scores best is kept, others only within RERANK_GAP
+# logits of it (chosen on validation splits: docs/results.md, "The trained reranker served"). Whether to refuse
+# still weighs the stage-1 cosine too: weight = sigmoid(20·(cos − 0.35) + rerank). The reranker alone lets
+# off-topic questions through (it rates some generic question about any topic highly) and refuses harder
+# answerable ones; the cosine alone keeps its known refusal quality, and the sum separates both better.
 RERANK_GAP = 2.0
-RERANKED_HEAD = RouterHead(sim_scale=0.0, rerank_scale=1.0, max_atoms=3, same_document=True,
-                           rerank_gap=RERANK_GAP)
+RERANKED_HEAD = RouterHead(rerank_scale=1.0, max_atoms=3, same_document=True, rerank_gap=RERANK_GAP)
 
 
 @dataclass
@@ -80,7 +82,8 @@ class StudyRouter:
 
     def picks(self, candidates: list[RoutedAtom]) -> list[tuple[int, float]]:
         """What the server keeps of one question's candidates before the bank's threshold is known
-        (DEFAULT_THRESHOLD): (row, weight) pairs."""
+        (DEFAULT_THRESHOLD): (row, weight) pairs. A question refuses where every candidate's weight is below
+        the threshold: its top weight (candidates[0].weight) is what refusal calibration reads."""
         return [(c.index, round(c.weight, 3)) for c in keep_atoms(candidates, self.head, DEFAULT_THRESHOLD)]
 
     def spec_fields(self, threshold: float | None) -> dict[str, Any]:

@@ -2,10 +2,11 @@
 
 One readable loop: every step takes `batch_size` labelled (question, atom text) pairs of the TRAIN splits,
     pairs --tokenizer--> [B, <=max_length] ids --MiniLM + 1-logit head--> [B] logits --BCE with labels--> loss
-then AdamW with linear warmup and decay. Afterwards every folder's validation split measures routing as
-`doc2atom router eval` does (recall@k of MiniLM cosine, and of the reranker re-ordering MiniLM's top-K, within
-the question's document and bank-wide), and the weights (safetensors), configs (JSON) and a card
-(reranker.json) are swapped into OUT at once.
+then AdamW with linear warmup and decay; MiniLM's word and position embeddings stay frozen (the packaged ones:
+never shipped). Afterwards every folder's validation split measures routing as `doc2atom router eval` does
+(recall@k of MiniLM cosine, and of the reranker re-ordering MiniLM's top-K, within the question's document and
+bank-wide), and the trained tensors (reranker.safetensors) and the card (reranker.json) are swapped into OUT at
+once: a folder `doc2atom compile --reranker` takes.
 """
 
 from __future__ import annotations
