@@ -14,6 +14,7 @@ from training.study.fit import CompositionSampler, Example, FitConfig, fit_docum
 from training.study.generation import chat_prompt_ids, generate, split_common_prefix
 from vllm_doc2atom.bank import AtomBank
 from vllm_doc2atom.bank_interface import Target
+from vllm_doc2atom.reranker import shipped_identity
 
 from .conftest import EXAMPLE_DOCS
 
@@ -116,6 +117,8 @@ def test_study_compile_needs_no_checkpoint_caches_by_content_and_adds(tmp_path, 
     bank = AtomBank.load(tmp_path / "bank")
     head = bank.spec.router_head
     assert 0.0 < head["threshold"] < 1.0 and head["max_atoms"] == 3  # calibrated on its own study questions
+    assert bank.spec.reranker == shipped_identity().to_dict() and head["rerank_gap"] is not None  # routed by it
+    assert all(a.retrieval_text.endswith(": " + a.text) for a in bank.atoms)  # "<its heading>: <atom>"
     assert bank.spec.checkpoint.startswith("self-study") and "+proj" not in bank.spec.key_encoder
     a = bank.factors([0])[bank.spec.targets[0]][0]
     assert torch.isfinite(a).all() and a.abs().sum() > 0

@@ -79,7 +79,7 @@ def train_reranker(config: RerankerTrainConfig) -> Path:
     if config.text not in PAIR_TEXTS:
         raise InputError(f"unknown text kind {config.text!r}: choose from {', '.join(PAIR_TEXTS)}")
     train = [load_examples(folder, "train") for folder in folders]  # never validation or test questions
-    data = [{"folder": str(folder.resolve()), "manifest_sha256": _sha256(folder / "manifest.json"),
+    data = [{"folder": str(folder), "manifest_sha256": _sha256(folder / "manifest.json"),
              "train_questions": len(examples)} for folder, examples in zip(folders, train)]
     trained = fit_reranker(train, config)
     start = time.perf_counter()
