@@ -36,7 +36,9 @@ def make_compiler(mode: str = "study", checkpoint: str | Path | None = None, mod
     what the reranker reads, else "atom")."""
     if mode == "study":
         from ..models import DEFAULT_MODEL, resolve_model
+        from .study_routing import check_reranker
 
+        check_reranker(reranker)
         return StudyCompiler(resolve_model(model_dir or DEFAULT_MODEL), study, atomizer,
                              routing_text=routing_text, reranker=reranker)
     if mode in ("amortized", "optimize"):

@@ -93,6 +93,13 @@ class StudyRouter:
                 "reranker": None if identity is None else identity.to_dict()}
 
 
+def check_reranker(reranker: str | None) -> None:
+    """A reranker folder named by the user exists and holds a reranker: checked before any model loads."""
+    if reranker not in (None, *RERANKERS):
+        require_folder(reranker, "reranker", "give a folder written by `doc2atom router train`",
+                       files=(CARD, WEIGHTS))
+
+
 def study_router(reranker: str | None, encoder: SentenceTransformerEncoder) -> StudyRouter:
     """`reranker`: "shipped" (the default), "none" / None (stage 1 only, as banks before rerankers), or a
     folder written by `doc2atom router train` (copied into every bank compiled with it)."""
