@@ -74,7 +74,7 @@ def test_titled_routing_text_keeps_the_atoms_text_and_span():
     assert [a.retrieval_text for a in make_atomizer("rules")("quillon", text)] == [a.retrieval_text for a in plain]
     assert [a.retrieval_text for a in make_atomizer("rules", "titled")("quillon", text)] == \
         [a.retrieval_text for a in titled]
-    assert build_parser().parse_args(["compile", "doc.txt", "--out", "bank"]).routing_text == "atom"  # unchanged
+    assert build_parser().parse_args(["compile", "doc.txt", "--out", "bank"]).routing_text is None  # the reranker's
 
 
 def test_ranks_count_ties_against_the_gold_atom_and_metrics_summarise_them():
