@@ -109,8 +109,8 @@ def study_router(reranker: str | None, encoder: SentenceTransformerEncoder) -> S
         if shipped_identity() is None:
             raise InputError("this doc2atom ships no reranker: pass --reranker none or a trained one")
         return StudyRouter(encoder, load_reranker(SHIPPED_FOLDER))
-    folder = require_folder(reranker, "reranker", "give a folder written by `doc2atom router train`",
-                            files=(CARD, WEIGHTS))
+    check_reranker(reranker)
+    folder = Path(reranker)
     try:
         reranker = load_reranker(folder)
     except ValueError as err:
