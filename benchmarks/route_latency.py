@@ -42,7 +42,7 @@ class Atoms:
 
     def __getitem__(self, row: int) -> AtomRecord:
         text = self.sentences[row % len(self.sentences)]
-        return AtomRecord(id=f"doc{row // 10}#{row % 10}", document_id=f"doc{row // 10}", type="fact", text=text,
+        return AtomRecord(id=f"doc{row // 10}#{row % 10}", document_id=f"doc{row // 10}", type="fact_claim", text=text,
                           span=(0, len(text)), retrieval_text=f"Document {row // 10}: {text}")
 
 
