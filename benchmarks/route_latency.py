@@ -4,7 +4,8 @@ For banks of 1e3 .. 1e6 atoms (random unit keys, atom texts drawn from real docu
 `Router.route` with stage 1 alone and with the reranker scoring the 8 candidates. Prints p50 / p99 per size and
 saves JSON. Target (issue 29): stage 1 + rerank p50 <= 25 ms, p99 <= 60 ms on a 2-core CPU, flat in the size.
 
-    .venv/bin/python benchmarks/route_latency.py [--sizes 1000 10000 100000 1000000] [--queries 200]
+    .venv/bin/python benchmarks/route_latency.py [--sizes 1000 10000 100000 1000000]
+        [--queries 200] [--top-k 8]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from vllm_doc2atom.bank_interface import AtomRecord, BankSpec, Target
 from vllm_doc2atom.encoders import SentenceTransformerEncoder
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
 from vllm_doc2atom.reranker import shipped_identity
-from vllm_doc2atom.router import Router
+from vllm_doc2atom.router import Router, RouterConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "docs"
 QUESTIONS = ["How tall is the Amber Needle lighthouse?", "Who wrote the Velmora Orchard Protocol?",
@@ -94,13 +95,15 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-k", type=int, default=RouterConfig().top_k,
+                        help="stage-1 candidates the reranker reads (the server's --doc2atom-top-k)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "route_latency.json"))
     args = parser.parse_args()
 
     sentences = [s.strip() + "." for p in sorted(EXAMPLES.glob("*.md")) for s in p.read_text().split(".")
                  if len(s.split()) > 5]
     encoder = SentenceTransformerEncoder()
-    router = Router(encoder)
+    router = Router(encoder, RouterConfig(top_k=args.top_k))
     rows = []
     print(f"{'atoms':>9} {'stage 1 p50':>12} {'p99':>7} {'+ rerank p50':>13} {'p99':>7}  (ms)")
     for size in args.sizes:
@@ -115,8 +118,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
-    out.write_text(json.dumps({"machine": machine, "reranker": shipped_identity().to_dict(), "results": rows},
-                              indent=2) + "\n")
+    result = {"machine": machine, "top_k": args.top_k, "reranker": shipped_identity().to_dict(), "results": rows}
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {out}")
 
 
