@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -210,14 +212,14 @@ def test_vllm_matches_transformers_peft_with_the_composed_adapter(client, model,
 @pytest.fixture(scope="module")
 def shared_server(tiny_model_dir, bank_root, tmp_path_factory):
     """Two API server processes sharing one engine; refusals fall back to the base model; small rank budget."""
-    logs = tmp_path_factory.mktemp("logs-shared")
-    with vllm_server(tiny_model_dir, bank_root, logs / "serve.log", "--api-server-count", "2",
+    log = tmp_path_factory.mktemp("logs-shared") / "serve.log"
+    with vllm_server(tiny_model_dir, bank_root, log, "--api-server-count", "2",
                      "--doc2atom-on-refusal", "base", "--max-lora-rank", "8", "--doc2atom-top-k", "12") as url:
-        yield url
+        yield {"url": url, "log": log}
 
 
 def test_two_api_servers_agree_on_adapter_identity(shared_server):
-    client = openai.OpenAI(base_url=shared_server + "/v1", api_key="none", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=shared_server["url"] + "/v1", api_key="none", max_retries=0, timeout=120)
     model = client.models.list().data[0].id
     question = "Who wrote the Velmora Orchard Protocol?"
     with ThreadPoolExecutor(4) as pool:
@@ -232,3 +234,38 @@ def test_two_api_servers_agree_on_adapter_identity(shared_server):
     provenance = wide.parse().model_extra["doc2atom"]
     assert provenance["rank"] <= 8 and len(provenance["atoms"]) <= 2  # rank-4 atoms, --max-lora-rank 8
     assert provenance.get("dropped_for_rank")  # the broad question routed more atoms than fit
+
+
+def test_banks_written_after_start_reach_every_api_server(shared_server, bank_root, tiny_model_dir, encoder):
+    """One bank root on shared storage: a compile job writing a bank, then adding a document to it, is seen by
+    every API server process without a restart."""
+    from .untrained_bank import build_untrained_bank, default_spec, untrained_documents
+
+    client = openai.OpenAI(base_url=shared_server["url"] + "/v1", api_key="none", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    documents = {p.stem: p.read_text() for p in EXAMPLE_DOCS.glob("*.md")}
+    late_doc = "brightwater_observatory"
+    spec = default_spec(tiny_model_dir, encoder, modules=("q_proj", "v_proj", "down_proj"), last_layers=2)
+    question = "Which comet did astronomers at Brightwater discover?"
+
+    def documents_routed(atoms: int) -> list[set[str]]:
+        """Ask on fresh connections until both API server processes have loaded the bank as it now is."""
+        routed = []
+        for _ in range(32):  # connections are spread over the processes by the kernel: almost surely both
+            reply = ask(client.with_options(default_headers={"Connection": "close"}), model, question, bank="late")
+            routed.append({a["document_id"] for a in reply.parse().model_extra["doc2atom"]["atoms"]})
+            pattern = rf"\((\w+) pid=\d+\).*loaded bank late \({atoms} atoms\)"
+            if len(set(re.findall(pattern, shared_server["log"].read_text()))) == 2:
+                return routed
+        raise AssertionError(f"the bank of {atoms} atoms was not loaded by both API server processes")
+
+    try:
+        build_untrained_bank(bank_root / "late", spec, {k: v for k, v in documents.items() if k != late_doc},
+                             encoder, seed=7, scale=0.3)
+        before = len(AtomBank.load(bank_root / "late"))
+        assert all(late_doc not in routed for routed in documents_routed(before))
+        added = untrained_documents(spec, {late_doc: documents[late_doc]}, encoder, seed=8, scale=0.3)
+        after = len(AtomBank.load(bank_root / "late").add_documents(added))
+        assert all(late_doc in routed for routed in documents_routed(after))
+    finally:
+        shutil.rmtree(bank_root / "late", ignore_errors=True)

@@ -40,13 +40,20 @@ def random_tensors(spec: BankSpec, keys: torch.Tensor, seed: int, scale: float =
     return tensors
 
 
-def build_untrained_bank(path: str | Path, spec: BankSpec, documents: Mapping[str, str], encoder: QueryEncoder,
-                         seed: int = 0, scale: float = 0.02, overwrite: bool = True) -> AtomBank:
-    """Sentence atoms keyed by `encoder`, with random factors: a well-formed bank for the runtime core."""
+def untrained_documents(spec: BankSpec, documents: Mapping[str, str], encoder: QueryEncoder, seed: int = 0,
+                        scale: float = 0.02) -> list[DocumentAtoms]:
+    """Sentence atoms keyed by `encoder`, with random factors, ready to be written into a bank."""
     atomizer = RuleAtomizer(RuleAtomizerConfig(split_clauses=False))
     docs = []
     for n, (doc_id, text) in enumerate(sorted(documents.items())):
         atoms = atomizer(doc_id, text)
         keys = torch.from_numpy(encoder.encode([a.retrieval_text for a in atoms]))
         docs.append(DocumentAtoms(doc_id, atoms, random_tensors(spec, keys, seed + n, scale)))
-    return AtomBank.create(path, spec, docs, overwrite=overwrite)
+    return docs
+
+
+def build_untrained_bank(path: str | Path, spec: BankSpec, documents: Mapping[str, str], encoder: QueryEncoder,
+                         seed: int = 0, scale: float = 0.02, overwrite: bool = True) -> AtomBank:
+    """A well-formed bank of `untrained_documents` for the runtime core."""
+    return AtomBank.create(path, spec, untrained_documents(spec, documents, encoder, seed, scale),
+                           overwrite=overwrite)
