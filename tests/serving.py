@@ -10,18 +10,22 @@ import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
-import openai
 import pytest
 
-from training.serve_process import vllm_server as _vllm_server
+if TYPE_CHECKING:
+    import openai
 
+# httpx, openai and vLLM are imported where they are used: a machine without them (scripts/gpu_check.sh's GPU
+# machine) still runs the tests that need no server, and the server's fixtures skip.
 EXAMPLE_DOCS = Path(__file__).resolve().parent.parent / "examples" / "docs"
 
 
 @contextlib.contextmanager
 def vllm_server(model: Path, bank_root: Path, log: Path, *extra: str) -> Iterator[str]:
+    from training.serve_process import vllm_server as _vllm_server
+
     args = ["--dtype", "float32", "--gpu-memory-utilization", "0.1", "--max-num-seqs", "16", *extra]
     with _vllm_server(model, bank_root, log, args, max_model_len=512) as url:
         yield url
@@ -53,10 +57,10 @@ def bank_root(tmp_path_factory, tiny_model_dir, encoder) -> Path:
     build_untrained_bank(root / "wide", wide, documents, encoder, scale=0.3)
 
     shutil.copytree(root / "docs", root / "corrupt")
-    shard = next((root / "corrupt" / "shards").iterdir())
-    data = bytearray(shard.read_bytes())
+    segment = next((root / "corrupt" / "segments").glob("*.safetensors"))  # keys and gates: found at load
+    data = bytearray(segment.read_bytes())
     data[-3] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    segment.write_bytes(bytes(data))
 
     gemma = build_tiny_model(tmp_path_factory.mktemp("other") / "gemma", arch="gemma2")
     build_untrained_bank(root / "other-model", default_spec(gemma, encoder, last_layers=2), documents, encoder)
@@ -88,6 +92,7 @@ def overwrite_factors(shard: Path, byte: int = 0xFF) -> None:
 
 @pytest.fixture(scope="session")
 def server(tiny_model_dir, bank_root, tmp_path_factory):
+    pytest.importorskip("vllm", reason="the serving tests need vLLM")
     logs = tmp_path_factory.mktemp("logs")
     adapters = tmp_path_factory.mktemp("adapters")
     (adapters / "999999999" / "d2a-left-by-a-dead-process").mkdir(parents=True)  # pids never go this high
@@ -100,6 +105,8 @@ def server(tiny_model_dir, bank_root, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def client(server) -> openai.OpenAI:
+    import openai
+
     return openai.OpenAI(base_url=server["url"] + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
 
 
@@ -116,5 +123,7 @@ def ask(client, model, question, bank="docs", extra: dict | None = None, **kwarg
 
 
 def metric(url: str, name: str) -> float:
+    import httpx
+
     text = httpx.get(url + "/metrics", timeout=10).text
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))

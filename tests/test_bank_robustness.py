@@ -1,5 +1,6 @@
 """The bank layer against hostile or careless input: request names, manifests, shards changed under a
-running server, non-finite adapters. (Several banks routed as one: test_bank_union.py.)"""
+running server, non-finite adapters. (Several banks routed as one: test_bank_union.py; format v2 at scale and
+v1 banks: test_bank_v2.py.)"""
 
 from __future__ import annotations
 
@@ -14,17 +15,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from vllm_doc2atom.bank import MANIFEST_NAME, AtomBank
 from vllm_doc2atom.bank_store import BankStore
 from vllm_doc2atom.composer import compose
 from vllm_doc2atom.errors import BankError
+from vllm_doc2atom.files import file_sha256
 from vllm_doc2atom.router import Router
 from vllm_doc2atom.router_head import _HEAD_FIELDS, RouterHead
 
 from .conftest import make_document, make_spec
-from .test_bank import BAD_BANKS, _rewrite_shard
+from .test_bank import BAD_BANKS, BAD_SHARDS, _rewrite_shard, shard_file
 from .test_router import FixedEncoder
+from .v1_bank import write_v1_bank
 
 
 @pytest.fixture
@@ -38,7 +42,20 @@ def root(tmp_path, spec) -> Path:
 
 
 def _shard(path: Path, document: int = 0) -> Path:
-    return path / json.loads((path / MANIFEST_NAME).read_text())["documents"][document]["shard"]
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    if manifest["format_version"] == 1:
+        return path / manifest["documents"][document]["shard"]
+    return shard_file(path, document)
+
+
+@pytest.fixture
+def v1_root(tmp_path, spec) -> Path:
+    """The same banks as `root`, in format v1."""
+    root = tmp_path / "v1-banks"
+    write_v1_bank(root / "docs", spec, [make_document(spec, "doc-a", 3, seed=1),
+                                        make_document(spec, "doc-b", 4, seed=2)])
+    write_v1_bank(root / "other", spec, [make_document(spec, "doc-c", 2, seed=3)])
+    return root
 
 
 def _raises(kind: str, call, *args, match: str | None = None) -> BankError:
@@ -132,11 +149,26 @@ def test_errors_name_the_bank_as_requested_never_its_path(root, case):
     assert listed["other"]["ok"]
 
 
-def test_shards_are_named_relative_to_the_bank(root):
+@pytest.mark.parametrize("case", sorted(BAD_SHARDS))
+def test_shard_errors_name_the_bank_as_requested_for_that_bank_only(root, case):
+    damage, message = BAD_SHARDS[case]
+    damage(root / "docs")
+    store = BankStore(root)
+    bank = store.get("docs")  # a v2 bank loads without its shards
+    error = _raises("invalid", bank.factors, [0], match=message)
+    assert str(error).startswith("bank 'docs': shard shards/") and str(root) not in str(error)
+    assert bank.factors([3])  # doc-b still composes
+    listed = {b["id"]: b for b in store.list()}  # the shard read that failed is checked again, and fails
+    assert not listed["docs"]["ok"] and str(root) not in listed["docs"]["error"] and listed["other"]["ok"]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_shards_are_named_relative_to_the_bank(root, v1_root, version):
+    root = root if version == 2 else v1_root
     shard = _shard(root / "docs")
     shard.write_bytes(b"garbage")
     with pytest.raises(BankError) as err:
-        BankStore(root).get("docs")
+        BankStore(root).get("docs").factors([0])  # (v1: already the load)
     assert str(err.value) == (f"bank 'docs': shard shards/{shard.name} is corrupt: "
                               "its sha256 does not match the manifest")
 
@@ -198,13 +230,15 @@ def _overwrite_data_in_place(path: Path, byte: int) -> None:
 
 def test_shard_overwritten_in_place_is_invalid_not_nan(root):
     store = BankStore(root)
-    store.recheck_seconds = 0  # get() stats every shard every time
+    store.recheck_seconds = 0  # get() stats every shard of a v1 bank every time; of a v2 bank, never
     bank = store.get("docs")
+    bank.factors([0])  # used: verified
     _overwrite_data_in_place(_shard(root / "docs"), 0xFF)  # every float NaN
     error = _raises("invalid", bank.factors, [0], match="shard shards/.* is corrupt")
     assert "sha256 no longer matches" in str(error)
     assert bank.factors([3])[bank.spec.targets[0]][0].isfinite().all()  # the untouched document still serves
-    _raises("invalid", store.get, "docs")
+    assert store.get("docs") is bank  # per request: the manifest only
+    _raises("invalid", store.get, "docs", True)
     listed = {b["id"]: b for b in store.list()}
     assert not listed["docs"]["ok"] and "is corrupt" in listed["docs"]["error"] and listed["other"]["ok"]
     assert len(store.get("other")) == 2  # only this bank is affected
@@ -226,7 +260,7 @@ def test_deleted_shard_is_invalid_when_the_manifest_did_not_change(root):
     bank = store.get("docs")
     _shard(root / "docs").unlink()
     _raises("invalid", bank.factors, [0], match=r"shard shards/\w+\.safetensors is missing")
-    _raises("invalid", store.get, "docs", match="is missing")
+    _raises("invalid", store.get, "docs", True, match="is missing")
     assert not {b["id"]: b for b in store.list()}["docs"]["ok"]
 
 
@@ -253,32 +287,41 @@ def test_a_shard_rewritten_with_the_same_content_is_fine(root, monkeypatch):
     assert all(b["ok"] for b in store.list())
 
 
-def test_list_rehashes_only_changed_shards(root, monkeypatch):
+@pytest.mark.parametrize("version", [1, 2])
+def test_list_rehashes_only_changed_shards(root, v1_root, version, monkeypatch):
+    root = root if version == 2 else v1_root
     store = BankStore(root)
     store.list()
+    store.get("docs").factors([0])  # v2: a shard is verified when first read (v1: all, at load)
     hashes = []
     real_read = AtomBank._read_verified
-    monkeypatch.setattr(AtomBank, "_read_verified", lambda self, shard: hashes.append(1) or real_read(self, shard))
+    monkeypatch.setattr(AtomBank, "_read_verified",
+                        lambda self, doc: hashes.append(doc) or real_read(self, doc))
     assert all(b["ok"] for b in store.list()) and hashes == []
-    shard = _shard(root / "docs", 1)
     time.sleep(0.05)
-    os.utime(shard)  # a touch: the stat changes, the content does not
-    assert all(b["ok"] for b in store.list()) and len(hashes) == 1
+    for document in (0, 1):
+        os.utime(_shard(root / "docs", document))  # a touch: the stat changes, the content does not
+    assert all(b["ok"] for b in store.list())
+    assert hashes == ([0, 1] if version == 1 else [0])  # v2: doc-b's shard was never read, so never verified
 
 
-def test_get_checks_shards_by_stat_and_opens_only_changed_ones(root, monkeypatch):
+@pytest.mark.parametrize("version", [1, 2])
+def test_get_checks_shards_by_stat_and_opens_only_changed_ones(root, v1_root, version, monkeypatch):
+    root = root if version == 2 else v1_root
     store = BankStore(root, recheck_seconds=0)
-    store.get("docs")
+    store.get("docs").factors([3])
     opened = []
     real_read = AtomBank._read_verified
-    monkeypatch.setattr(AtomBank, "_read_verified", lambda self, shard: opened.append(shard.name) or
-                        real_read(self, shard))
+    monkeypatch.setattr(AtomBank, "_read_verified",
+                        lambda self, doc: opened.append(doc) or real_read(self, doc))
     store.get("docs")
     assert opened == []
     time.sleep(0.05)
     os.utime(_shard(root / "docs", 1))
     store.get("docs")
-    assert opened == [f"shards/{_shard(root / 'docs', 1).name}"]
+    assert opened == ([1] if version == 1 else [])  # v2: shards are immutable and checked on every read
+    store.get("docs", check_shards=True)
+    assert opened == ([1] if version == 1 else [1])
     store.get("docs", check_shards=False)  # the manifest only
     BankStore(root).get("docs")  # (a fresh store loads, it does not re-check)
 
@@ -313,6 +356,7 @@ def test_readers_never_see_a_half_changed_bank(root, spec):
             try:
                 bank = store.get("docs")
                 factors = bank.factors(list(range(len(bank))))
+                atoms = list(bank.atoms)  # v2: records are read now, perhaps after a removal deleted them
             except BankError as exc:
                 if exc.kind != "stale":  # the server retries a stale one
                     problems.append(str(exc))
@@ -321,7 +365,7 @@ def test_readers_never_see_a_half_changed_bank(root, spec):
                 problems.append(f"{type(exc).__name__}: {exc}")
                 continue
             for t in spec.targets:
-                for row, atom in enumerate(bank.atoms):
+                for row, atom in enumerate(atoms):
                     source = docs[atom.document_id].tensors[f"A.{t.key}"][int(atom.id.split("#")[1])]
                     if not torch.equal(factors[t][0][row], source):
                         problems.append(f"row {row} ({atom.id}) is torn")
@@ -360,15 +404,25 @@ def test_malformed_manifests_are_bank_errors(root):
     path = root / "docs"
     good = json.loads((path / MANIFEST_NAME).read_text())
     variants = [
-        lambda m: m["documents"][0].update(atoms=5),
-        lambda m: m["documents"][0].update(id=["x"]),
-        lambda m: m["documents"][0]["atoms"][0].update(span=[1, 2, 3]),
-        lambda m: m["documents"][0]["atoms"][0].update(confidence="high"),
-        lambda m: m["documents"][0].update(shard="shards/\x00"),
-        lambda m: m["documents"][0].update(shard=7),
+        lambda m: m["documents"]["atoms"].__setitem__(0, 5),
+        lambda m: m["documents"]["id"].__setitem__(0, ["x"]),
+        lambda m: m["documents"]["id"].__setitem__(0, "doc-b"),
+        lambda m: m["documents"]["row"].__setitem__(0, 1.5),
+        lambda m: m["documents"]["row"].__setitem__(0, True),
+        lambda m: m["documents"]["segment"].__setitem__(0, -1),
+        lambda m: m["documents"]["segment"].pop(),
+        lambda m: m["documents"]["shard_sha256"].__setitem__(0, "shards/\x00"),
+        lambda m: m["documents"]["shard_sha256"].__setitem__(0, 7),
+        lambda m: m["documents"].update(extra=[]),
+        lambda m: m["segments"][0].update(rows="many"),
+        lambda m: m["segments"][0].update(rows=6),
+        lambda m: m["segments"][0].update(sha256="../../etc/passwd"),
+        lambda m: m["segments"].append(m["segments"][0]),
+        lambda m: m.update(segments={}),
         lambda m: m.update(spec=[]),
         lambda m: m["spec"]["base_model"].update(num_layers="many"),
         lambda m: m.update(documents=[None]),
+        lambda m: m.update(documents=None),
     ]
     for mutate in variants:
         manifest = json.loads(json.dumps(good))
@@ -381,15 +435,33 @@ def test_malformed_manifests_are_bank_errors(root):
 # ---- 5. the composer refuses non-finite adapters -------------------------------------------------------
 
 
-def test_compose_refuses_nan_factors_and_names_the_shard(root):
-    path = root / "docs"
-    _rewrite_shard(path, lambda t: next(v for k, v in t.items() if k.startswith("A.")).__setitem__(
-        (1, 0, 0), float("nan")))  # the manifest's sha256 is updated: only the values are bad
+def test_compose_refuses_nan_factors_and_names_the_shard(root, v1_root):
+    path = v1_root / "docs"  # a v1 bank loaded unverified: the composer's own check is what stops it
+    shard = _shard(path)
+    tensors = load_file(shard)
+    next(v for k, v in tensors.items() if k.startswith("A.")).__setitem__((1, 0, 0), float("nan"))
+    save_file(tensors, shard)
+    _fix_v1_sha(path, shard)  # only the values are bad
     bank = AtomBank.load(path, verify=False)
     error = _raises("invalid", compose, bank, [(1, 0.9), (4, 0.5)], match="composed adapter is not finite")
     assert f"shard shards/{_shard(path).name} may be corrupt" in str(error)
     assert "doc-b" not in str(error) and _shard(path, 1).name not in str(error)
     assert compose(bank, [(4, 0.5)]).rank == bank.spec.micro_rank  # other atoms still compose
+
+    path = root / "docs"  # v2: the first read of a shard checks every value
+    _rewrite_shard(path, lambda t: next(v for k, v in t.items() if k.startswith("A.")).__setitem__(
+        (1, 0, 0), float("nan")))
+    bank = AtomBank.load(path)
+    error = _raises("invalid", compose, bank, [(1, 0.9), (4, 0.5)], match="NaN or Inf")
+    assert f"shard shards/{_shard(path).name}" in str(error) and "doc-b" not in str(error)
+    assert compose(bank, [(4, 0.5)]).rank == bank.spec.micro_rank
+
+
+def _fix_v1_sha(path: Path, shard: Path) -> None:
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    entry = next(d for d in manifest["documents"] if d["shard"].endswith(shard.name))
+    entry["sha256"] = file_sha256(shard)
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
 
 
 def test_compose_refuses_values_beyond_fp16(bank, monkeypatch):

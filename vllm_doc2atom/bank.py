@@ -1,148 +1,161 @@
-"""Atom bank format v1: a directory with a JSON manifest and one safetensors shard per document.
+"""Atom bank: a directory whose manifest.json is the commit point. Format v2 (written by this build):
 
     BANK/
-      manifest.json                  spec (base model, targets, rank, key encoder) + atom records per document
-      query_projection.safetensors   optional `projection` [d_text, key_dim] of a trained query encoder
-      shards/<sha256[:16]>.safetensors   one document's stacked tensors, row i = the document's atom i:
-                                       A.<layer>.<module>  [n, r, in]    micro-LoRA down factors
-                                       B.<layer>.<module>  [n, out, r]   micro-LoRA up factors
-                                       gates               [n, T]        per-target write gate in [0, 1]
-                                       keys                [n, key_dim]  provenance (retrieval) keys
+      manifest.json                 spec (base model, targets, rank, key encoder), the segments
+                                    [{sha256, records_sha256, rows}] and the documents as one table of
+                                    columns {id, shard_sha256, segment, row, atoms}: document j's atoms are
+                                    rows row[j] .. row[j] + atoms[j] - 1 of segment segment[j]
+      shards/<sha256[:16]>.safetensors     one document's stacked tensors, row i = the document's atom i:
+                                    A.<layer>.<module>  [n, r, in]    micro-LoRA down factors
+                                    B.<layer>.<module>  [n, out, r]   micro-LoRA up factors
+                                    gates [n, T], keys [n, key_dim]   (as in v1; v2 routes with the segment's)
+      segments/<sha256[:16]>.safetensors   what one commit wrote for routing (bank_segments.py):
+                                    keys [n, key_dim], gates [n, T], record offsets, atom-id hashes
+      segments/<sha256[:16]>.jsonl         its atom records, one AtomRecord JSON object per line
+      query_projection.safetensors  optional `projection` [d_text, key_dim] of a trained query encoder
+      reranker/                     optional: the bank's own copy of a reranker that doc2atom does not ship
 
-The manifest is the commit point: shards are content-addressed and immutable, so adding or
-removing a document writes or drops one shard and then atomically replaces the manifest;
-the other documents' files are never touched. The stage-1 index is rebuilt from `keys` on load.
-Nothing is pickled: safetensors + JSON only.
+Bank rows are the documents' atoms in manifest order. Loading reads the manifest and streams each segment
+once (sha256, finiteness; gates, record offsets and id hashes stay in memory: 24 + 4·T bytes per atom), so
+it costs O(atoms × key_dim) and never reads a shard. Atom records are parsed when accessed (`atoms` is a lazy
+Sequence); keys are read back from the segments when the router builds its index (`key_source`). Every read
+of a shard's factors checks its bytes against the manifest's sha256 (the first read also its tensors, shapes
+and values), so a damaged shard is a BankError for the atoms it holds, when they are composed; a damaged
+segment, at load.
 
-Every read of a shard's factors checks its bytes against the manifest's sha256, so a shard changed,
-truncated or deleted under a running server is a BankError, never NaN factors or a crash; a loaded bank
-also remembers each shard's stat, so `check_files` can notice a change with one stat per shard. Error
-messages name the bank by its `name` and files relative to the bank.
+Adding documents writes their shards and one new segment, then atomically replaces the manifest; removing
+one drops it from the manifest (its segment rows become unreachable), then deletes its shard and any segment
+no document references. Other files are never touched. Nothing is pickled: safetensors, JSON, JSON lines.
+
+Format v1 (read only: bank_v1.py) kept every atom record in the manifest and keys and gates only in the
+shards, so its load reads every shard; `doc2atom bank upgrade` turns it into v2 without rewriting a shard.
+Error messages name the bank by its `name` and files relative to the bank.
 """
 
 from __future__ import annotations
 
-import bisect
-import hashlib
-import json
 import logging
 import os
 import shutil
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import bank_writer
 from .bank_interface import AtomRecord, BankSpec, DocumentAtoms, Target
-from .errors import BankError, BankErrorKind
-from .files import atomic_directory, atomic_write_text, make_readable
-from .fingerprint import BaseModelFingerprint
-from .shard_files import (
-    SHARDS_DIR,
-    StatKey,
-    read_checked,
-    read_shard,
-    shard_path,
-    stat_key,
-    stat_or_none,
-    write_shard,
+from .bank_manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    file_error,
+    read_manifest,
+    write_manifest,
 )
+from .bank_rows import DocumentTable, LazyAtoms, SegmentKeys
+from .bank_segments import Segment, SegmentInfo
+from .bank_v1 import read_v1
+from .errors import BankError, BankErrorKind
+from .files import atomic_directory, make_readable
+from .fingerprint import BaseModelFingerprint
+from .key_index import ArrayKeys, KeySource
+from .shard_files import SHARDS_DIR, StatKey, check_tensors, read_checked, shard_name, stat_key, stat_or_none
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "doc2atom-atom-bank"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+__all__ = ["AtomBank", "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "QUERY_PROJECTION",
+           "RERANKER_FOLDER"]
+
 QUERY_PROJECTION = "query_projection.safetensors"  # optional: maps the sentence encoder into the key space
 RERANKER_FOLDER = "reranker"  # optional: the bank's own copy of a reranker that is not shipped with doc2atom
 
 
-@dataclass
-class _Shard:
-    document_id: str
-    path: Path
-    name: str  # relative to the bank ("shards/<sha>.safetensors"): how messages name it
-    sha256: str
-    first_row: int  # global index of the shard's first atom
-    num_atoms: int
-    stat: StatKey  # of the file whose content was verified; updated when a changed file re-hashes equal
-
-
 class AtomBank:
-    """A loaded, validated atom bank. Keys and gates are in memory; factors are read on demand."""
+    """A loaded, validated atom bank. Gates are in memory; keys, records (v2) and factors are read when
+    needed."""
 
-    def __init__(self, path: Path, spec: BankSpec, atoms: list[AtomRecord], shards: list[_Shard],
-                 keys: np.ndarray, gates: np.ndarray, manifest_sha256: str, manifest_stat: StatKey | None = None,
-                 name: str | None = None) -> None:
+    def __init__(self, path: Path, spec: BankSpec, *, version: int, fingerprint: str,
+                 manifest_stat: StatKey | None, name: str, doc_ids: list[str], shard_shas: list[str],
+                 doc_starts: np.ndarray, atoms: Sequence[AtomRecord], gates: np.ndarray,
+                 keys: np.ndarray | None = None, shard_names: list[str] | None = None,
+                 shard_stats: dict[int, StatKey | None] | None = None, segments: list[Segment] | None = None,
+                 table: DocumentTable | None = None, verified: bool = True) -> None:
         self.path = path
-        self.name = str(path) if name is None else name  # how messages name the bank (a server: the request's)
+        self.name = name  # how messages name the bank (a server: the request's)
         self.spec = spec
-        self.atoms = atoms
-        self.keys = keys  # [N, key_dim] float32
+        self.format_version = version
+        self.fingerprint = fingerprint  # sha256 of the manifest: changes with any change of content
+        self.atoms = atoms  # v1: a list; v2: LazyAtoms
         self.gates = gates  # [N, T] float32
-        self.fingerprint = manifest_sha256  # changes with any change of content
-        self._shards = shards
-        self._starts = [s.first_row for s in shards]
-        self._manifest_stat = manifest_stat  # None: unknown, so any missing shard counts as a manifest change
+        self._keys = keys  # v1: [N, key_dim] float32; v2: read from the segments when first asked for
+        self._doc_ids, self._shard_shas, self._doc_starts = doc_ids, shard_shas, doc_starts
+        self._shard_names = shard_names  # v1 only: as the manifest names them (v2: from the sha256)
+        # document -> stat of its shard when last verified (None: the last read failed). v1: every shard (read
+        # at load); v2: the shards read since, whose first read also checked their tensors.
+        self._shard_stats: dict[int, StatKey | None] = dict(shard_stats or {})
+        self._segments = segments or []
+        self._table = table
+        self._verified = verified
+        self._manifest_stat = manifest_stat  # None: unknown, so any missing file counts as a manifest change
 
     def __len__(self) -> int:
-        return len(self.atoms)
+        return int(self._doc_starts[-1])
 
     def __repr__(self) -> str:
-        return f"AtomBank({self.name!r}, atoms={len(self)}, documents={len(self._shards)})"
+        return f"AtomBank({self.name!r}, atoms={len(self)}, documents={len(self._doc_ids)})"
 
     @property
     def document_ids(self) -> list[str]:
-        return [s.document_id for s in self._shards]
+        return list(self._doc_ids)
+
+    @property
+    def keys(self) -> np.ndarray:
+        """[N, key_dim] float32, in memory (v2: read from the segments on first use; the router does not need
+        this: it builds its index from `key_source()` in blocks)."""
+        if self._keys is None:
+            self._keys = self.key_source().array()  # type: ignore[union-attr]
+        return self._keys
+
+    def key_source(self) -> KeySource:
+        if self.format_version == 1 or self._keys is not None:
+            return ArrayKeys(self.keys)
+        return SegmentKeys(self._segments, self._table.runs(), self.spec.key_dim)  # type: ignore[union-attr]
 
     # ---- reading -------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect_base: BaseModelFingerprint | None = None,
-             verify: bool = True, name: str | None = None) -> AtomBank:
-        """Load and validate a bank. `verify` also checks shard hashes and that every factor is finite.
+             verify: bool = True, name: str | None = None,
+             trusted: dict[str, StatKey] | None = None) -> AtomBank:
+        """Load and validate a bank. `verify`: also hash what load reads (v2: the segments; v1: every shard)
+        and check every value finite. `trusted`: file -> stat of bytes this process has verified already.
 
         Every error is a BankError that names the bank as `name` (default: its path) and its files relative
         to it: a server passes the request's bank name so that no message reveals where banks live on disk.
         """
         path = Path(path)
         label = str(path) if name is None else name
+        prefix = f"bank {label!r}: "
         try:
-            return cls._load(path, expect_base, verify, label)
+            return cls._load(path, expect_base, verify, label, trusted or {})
         except BankError as exc:
-            raise BankError(f"bank {label!r}: {exc}", kind=exc.kind) from exc
+            message = str(exc)
+            message = message if message.startswith(prefix) else prefix + message
+            raise BankError(message, kind=exc.kind) from exc
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             # A manifest shaped in a way no check above foresaw: still the bank's fault, not a server error.
             logger.warning("bank %s: unexpected %s while loading: %s", path, type(exc).__name__, exc)
-            raise BankError(f"bank {label!r}: malformed manifest ({type(exc).__name__})") from exc
+            raise BankError(f"{prefix}malformed manifest ({type(exc).__name__})") from exc
 
     @classmethod
-    def _load(cls, path: Path, expect_base: BaseModelFingerprint | None, verify: bool, label: str) -> AtomBank:
-        if not path.is_dir():
-            raise BankError("no atom bank there (not a directory)", kind=BankErrorKind.NOT_FOUND)
-        if not (path / MANIFEST_NAME).is_file():
-            raise BankError(f"not an atom bank: missing {MANIFEST_NAME}")
-        try:
-            with open(path / MANIFEST_NAME, "rb") as f:
-                manifest_stat = stat_key(os.fstat(f.fileno()))  # of exactly the bytes read
-                raw = f.read()
-        except OSError as exc:
-            raise BankError(f"cannot read {MANIFEST_NAME} ({exc.strerror or type(exc).__name__})") from exc
-        try:
-            manifest = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BankError(f"{MANIFEST_NAME}: invalid JSON ({exc})") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-            raise BankError(f"{MANIFEST_NAME}: not a {FORMAT_NAME} manifest")
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            shown = repr(version)[:20]
-            raise BankError(f"unknown bank format version {shown} (this build reads {FORMAT_VERSION})")
+    def _load(cls, path: Path, expect_base: BaseModelFingerprint | None, verify: bool, label: str,
+              trusted: dict[str, StatKey]) -> AtomBank:
+        manifest, fingerprint, manifest_stat = read_manifest(path)
+        version = manifest["format_version"]
         spec = BankSpec.from_dict(manifest.get("spec") or {})
         if expect_base is not None:
             diffs = spec.base_model.differences(expect_base)
@@ -150,72 +163,64 @@ class AtomBank:
                 raise BankError(
                     f"compiled for base model {spec.base_model.name!r}, which does not match the "
                     f"served model {expect_base.name!r}: " + "; ".join(diffs), kind=BankErrorKind.MISMATCH)
+        common = dict(version=version, fingerprint=fingerprint, manifest_stat=manifest_stat, name=label,
+                      verified=verify)
+        if version == 1:
+            def changed() -> bool:
+                return stat_or_none(path / MANIFEST_NAME) != manifest_stat
 
-        documents = manifest.get("documents")
-        if not isinstance(documents, list):
-            raise BankError(f"{MANIFEST_NAME}: 'documents' must be a list")
-        atoms: list[AtomRecord] = []
-        shards: list[_Shard] = []
-        keys: list[np.ndarray] = []
-        gates: list[np.ndarray] = []
-        seen_docs: set[str] = set()
-        for entry in documents:
-            try:
-                doc_id, shard_name, sha, records = entry["id"], entry["shard"], entry["sha256"], entry["atoms"]
-            except (KeyError, TypeError) as exc:
-                raise BankError(f"{MANIFEST_NAME}: malformed document entry ({exc})") from exc
-            if not (isinstance(doc_id, str) and isinstance(sha, str) and isinstance(records, list)):
-                raise BankError(f"{MANIFEST_NAME}: malformed document entry {str(doc_id)[:80]!r}")
-            if doc_id in seen_docs:
-                raise BankError(f"{MANIFEST_NAME}: document {doc_id!r} listed twice")
-            seen_docs.add(doc_id)
-            doc_atoms = [AtomRecord.from_dict(r) for r in records]
-            for atom in doc_atoms:
-                if atom.document_id != doc_id:
-                    raise BankError(f"atom {atom.id!r} is listed under document {doc_id!r} "
-                                    f"but names {atom.document_id!r}")
-            try:
-                shard_file = shard_path(path, shard_name)
-                relative = f"{SHARDS_DIR}/{shard_file.name}"
-                shard_keys, shard_gates, stat = read_shard(shard_file, relative, spec, len(doc_atoms),
-                                                            sha if verify else None)
-            except BankError as exc:
-                if stat_or_none(path / MANIFEST_NAME) != manifest_stat:  # e.g. `bank remove` dropped the shard
-                    raise BankError("changed on disk while it was loaded; reload it", kind=BankErrorKind.STALE) from exc
-                raise
-            shards.append(_Shard(doc_id, shard_file, relative, sha, len(atoms), len(doc_atoms), stat))
-            atoms.extend(doc_atoms)
-            keys.append(shard_keys)
-            gates.append(shard_gates)
-        ids = [a.id for a in atoms]
-        if len(set(ids)) != len(ids):
-            dup = next(i for i in ids if ids.count(i) > 1)
-            raise BankError(f"{MANIFEST_NAME}: atom id {dup!r} is not unique")
-        return cls(
-            path=path, spec=spec, atoms=atoms, shards=shards,
-            keys=np.concatenate(keys) if keys else np.zeros((0, spec.key_dim), np.float32),
-            gates=np.concatenate(gates) if gates else np.zeros((0, len(spec.targets)), np.float32),
-            manifest_sha256=hashlib.sha256(raw).hexdigest(), manifest_stat=manifest_stat, name=label,
-        )
+            v1 = read_v1(path, manifest, spec, verify, changed)
+            starts = np.concatenate([[0], np.cumsum(v1.counts, dtype=np.int64)]).astype(np.int64)
+            return cls(path, spec, doc_ids=v1.doc_ids, shard_shas=v1.shard_shas, doc_starts=starts,
+                       atoms=v1.atoms, gates=v1.gates, keys=v1.keys,  # type: ignore[arg-type]
+                       shard_names=v1.shard_names, shard_stats=dict(enumerate(v1.stats)),
+                       **common)  # type: ignore[arg-type]
+        return cls._load_v2(path, manifest, spec, verify, trusted, common)
+
+    @classmethod
+    def _load_v2(cls, path: Path, manifest: dict[str, Any], spec: BankSpec, verify: bool,
+                 trusted: dict[str, StatKey], common: dict[str, Any]) -> AtomBank:
+        listed = manifest.get("segments")
+        if not isinstance(listed, list):
+            raise BankError(f"{MANIFEST_NAME}: 'segments' must be a list")
+        infos = [SegmentInfo.from_dict(s) for s in listed]
+        if len({s.sha256[:16] for s in infos}) != len(infos):
+            raise BankError(f"{MANIFEST_NAME}: a segment is listed twice")
+        table = DocumentTable.from_manifest(manifest.get("documents"), infos)
+        prefix = f"bank {common['name']!r}: "
+
+        def errors(label: str, exc: OSError) -> BankError:
+            return file_error(path, common["manifest_stat"], prefix, label, exc)
+
+        segments = [Segment.open(path, info, spec.key_dim, len(spec.targets), verify, prefix, errors, trusted)
+                    for info in infos]
+        runs, starts = table.runs(), table.starts()
+        gates = runs.gather([s.gates for s in segments]) if len(runs) else \
+            np.zeros((0, len(spec.targets)), np.float32)
+        atoms = LazyAtoms(segments, runs, table.ids, starts)
+        if len(runs):
+            _check_unique_ids(runs.gather([s.id_hashes for s in segments]), atoms)
+        return cls(path, spec, doc_ids=table.ids, shard_shas=table.shards, doc_starts=starts, atoms=atoms,
+                   gates=gates, segments=segments, table=table, **common)
 
     def factors(self, indices: Sequence[int]) -> dict[Target, tuple[torch.Tensor, torch.Tensor]]:
         """Micro-LoRA factors of the given atoms: target -> (A [k, r, in], B [k, out, r]), float32.
 
         Every shard read is checked against the manifest's sha256 (see `_read_verified`): a shard that is
         gone because the bank changed raises BankError kind "stale" (reload the bank and retry); a missing,
-        truncated or changed one, kind "invalid".
+        truncated, changed or malformed one, kind "invalid".
         """
         import torch
 
         if not indices:
             raise ValueError("no atoms selected")
         rows: dict[str, list[torch.Tensor]] = {}
-        by_shard: dict[int, list[tuple[int, int]]] = {}  # shard no. -> [(position in output, row)]
+        by_doc: dict[int, list[tuple[int, int]]] = {}  # document no. -> [(position in output, row)]
         for pos, i in enumerate(indices):
-            shard_no = self._shard_no(i)
-            by_shard.setdefault(shard_no, []).append((pos, i - self._shards[shard_no].first_row))
-        for shard_no, picks in by_shard.items():
-            tensors = self._read_verified(self._shards[shard_no])
+            doc = self._doc_no(i)
+            by_doc.setdefault(doc, []).append((pos, i - int(self._doc_starts[doc])))
+        for doc, picks in by_doc.items():
+            tensors = self._read_verified(doc)
             for name in (f"{ab}.{t.key}" for t in self.spec.targets for ab in "AB"):
                 column = rows.setdefault(name, [None] * len(indices))  # type: ignore[list-item]
                 for pos, row in picks:
@@ -224,71 +229,106 @@ class AtomBank:
                 for t in self.spec.targets}
 
     def check_files(self, shards: bool = True) -> None:
-        """Is the bank on disk still the one loaded? Stats the manifest and (with `shards`) every shard,
-        re-hashing only shards whose stat changed. Raises BankError kind "stale" when the manifest changed
-        (reload the bank), kind "invalid" when a shard is missing, unreadable or no longer matches."""
+        """Is the bank on disk still the one loaded? Stats the manifest; with `shards`, also the segments and
+        the shards, re-hashing only files whose stat changed since they were verified (v1: every shard; v2:
+        the shards read since loading, so the cost follows use, not the bank's size). Raises BankError kind
+        "stale" when the manifest changed (reload the bank), kind "invalid" when a file is missing,
+        unreadable or no longer matches."""
         if self._manifest_changed():
             raise BankError(f"bank {self.name!r} changed on disk; reload it", kind=BankErrorKind.STALE)
-        for shard in self._shards if shards else ():
+        if not shards:
+            return
+        for segment in self._segments:
+            for which in ("segment", "records"):
+                if segment.stat_changed(which):
+                    segment.recheck(which)
+        for doc, known in sorted(self._shard_stats.items()):
             try:
-                unchanged = stat_key(os.stat(shard.path)) == shard.stat
+                stat = stat_key(os.stat(self.path / self._shard_name(doc)))
             except FileNotFoundError:
-                raise self._missing(shard) from None
+                raise self._missing(doc) from None
             except OSError as exc:
-                raise self._unreadable(shard, exc) from exc
-            if not unchanged:
-                self._read_verified(shard)
+                raise self._unreadable(doc, exc) from exc
+            if stat != known:
+                self._read_verified(doc)
 
     def bank_name_of(self, index: int) -> str:
         """Every atom comes from this bank (a BankUnion answers per member)."""
-        self._shard_no(index)  # the same IndexError as a union's
+        self._doc_no(index)  # the same IndexError as a union's
         return self.name
 
     def shard_label(self, index: int) -> str:
         """Which file holds an atom's factors, for messages: "shard shards/<sha>.safetensors"."""
-        return f"shard {self._shards[self._shard_no(index)].name}"
+        return f"shard {self._shard_name(self._doc_no(index))}"
 
-    def _read_verified(self, shard: _Shard) -> dict[str, torch.Tensor]:
+    def _shard_name(self, doc: int) -> str:
+        return self._shard_names[doc] if self._shard_names is not None else shard_name(self._shard_shas[doc])
+
+    def _read_verified(self, doc: int) -> dict[str, torch.Tensor]:
         """A shard's tensors, read whole and checked against the manifest's sha256 (about a millisecond
         per MB): whatever happened to the file since loading, what is returned is what was compiled."""
+        name = self._shard_name(doc)
+        label = f"bank {self.name!r}: shard {name}"
+        known = self._shard_stats.get(doc) is not None
+        why = "it changed on disk and its sha256 no longer matches the manifest" if known else \
+            "its sha256 does not match the manifest"
         try:
-            tensors, shard.stat = read_checked(shard.path, shard.sha256, f"bank {self.name!r}: shard {shard.name}",
-                                                "it changed on disk and its sha256 no longer matches the manifest")
+            tensors, stat = read_checked(self.path / name, self._shard_shas[doc], label, why)
+            if not known and self.format_version >= 2:  # load never read it: check what it holds, once
+                self._check_shard(doc, tensors, label)
         except FileNotFoundError:
-            raise self._missing(shard) from None
+            self._shard_stats[doc] = None
+            raise self._missing(doc) from None
         except OSError as exc:
-            raise self._unreadable(shard, exc) from exc
+            self._shard_stats[doc] = None
+            raise self._unreadable(doc, exc) from exc
+        except BankError:
+            self._shard_stats[doc] = None
+            raise
+        self._shard_stats[doc] = stat
         return tensors  # the same content (perhaps rewritten: an identical add, a restore, a touch)
 
-    def _missing(self, shard: _Shard) -> BankError:
-        if self._manifest_changed():  # e.g. `doc2atom bank remove` dropped it after swapping the manifest
-            return BankError(f"bank {self.name!r} changed on disk while in use (shard {shard.name} is gone); "
-                             "reload it", kind=BankErrorKind.STALE)
-        return BankError(f"bank {self.name!r}: shard {shard.name} is missing")
+    def _check_shard(self, doc: int, tensors: dict[str, torch.Tensor], label: str) -> None:
+        start, end = int(self._doc_starts[doc]), int(self._doc_starts[doc + 1])
+        _, gates = check_tensors(tensors, label, self.spec, end - start, full=True)
+        if not np.array_equal(gates, self.gates[start:end]):
+            raise BankError(f"{label}: its gates differ from the segment's (the manifest pairs it with other "
+                            "rows)")
 
-    def _unreadable(self, shard: _Shard, exc: OSError) -> BankError:
-        return BankError(f"bank {self.name!r}: shard {shard.name} cannot be read "
+    def _missing(self, doc: int) -> BankError:
+        name = self._shard_name(doc)
+        if self._manifest_changed():  # e.g. `doc2atom bank remove` dropped it after swapping the manifest
+            return BankError(f"bank {self.name!r} changed on disk while in use (shard {name} is gone); "
+                             "reload it", kind=BankErrorKind.STALE)
+        return BankError(f"bank {self.name!r}: shard {name} is missing")
+
+    def _unreadable(self, doc: int, exc: OSError) -> BankError:
+        return BankError(f"bank {self.name!r}: shard {self._shard_name(doc)} cannot be read "
                          f"({exc.strerror or type(exc).__name__})")
 
     def _manifest_changed(self) -> bool:
         stat = stat_or_none(self.path / MANIFEST_NAME)
         return stat is None or stat != self._manifest_stat
 
-    def _shard_no(self, index: int) -> int:
-        if not 0 <= index < len(self.atoms):
-            raise IndexError(f"atom index {index} outside bank of {len(self.atoms)} atoms")
-        return bisect.bisect_right(self._starts, index) - 1
+    def _doc_no(self, index: int) -> int:
+        if not 0 <= index < len(self):
+            raise IndexError(f"atom index {index} outside bank of {len(self)} atoms")
+        return int(np.searchsorted(self._doc_starts, index, side="right")) - 1
 
     def summary(self) -> dict[str, Any]:
+        """What `doc2atom bank info` prints. Counting atom types reads every record (v2: seconds per
+        million)."""
         counts: dict[str, int] = {}
         for atom in self.atoms:
             counts[atom.type] = counts.get(atom.type, 0) + 1
         return {
             "path": str(self.path),
+            "format_version": self.format_version,
             "fingerprint": self.fingerprint,
             "base_model": self.spec.base_model.name,
-            "documents": len(self._shards),
-            "atoms": len(self.atoms),
+            "documents": len(self._doc_ids),
+            "atoms": len(self),
+            "segments": len(self._segments),
             "atoms_per_type": counts,
             "targets": [t.key for t in self.spec.targets],
             "micro_rank": self.spec.micro_rank,
@@ -296,8 +336,6 @@ class AtomBank:
             "key_dim": self.spec.key_dim,
             "reranker": self.spec.reranker["name"] if self.spec.reranker else None,
         }
-
-    # ---- writing -------------------------------------------------------------------------------
 
     def reranker_folders(self) -> list[Path]:
         return [self.path / RERANKER_FOLDER]
@@ -315,6 +353,8 @@ class AtomBank:
         except (OSError, KeyError, SafetensorError) as exc:
             raise BankError(f"bank {self.name!r}: {QUERY_PROJECTION} is unreadable "
                             f"({type(exc).__name__})") from exc
+
+    # ---- writing (always format v2) ------------------------------------------------------------
 
     @classmethod
     def create(cls, path: str | os.PathLike, spec: BankSpec, documents: Iterable[DocumentAtoms],
@@ -335,61 +375,58 @@ class AtomBank:
                 make_readable(tmp / QUERY_PROJECTION)
             if reranker is not None:
                 shutil.copytree(reranker, tmp / RERANKER_FOLDER)
-            entries = [write_shard(tmp, spec, doc) for doc in documents]
-            _check_unique_documents(entries)
-            _write_manifest(tmp, spec, entries)
+            written = bank_writer.write_documents(tmp, spec, documents)
+            segments, table = bank_writer.merge([], DocumentTable.empty(), written)
+            write_manifest(tmp, spec, segments, table)
         logger.info("wrote atom bank %s", path)
         return cls.load(path)
 
     def add_documents(self, documents: Iterable[DocumentAtoms], replace: bool = False) -> AtomBank:
-        """Add documents' atoms (new shards + one atomic manifest swap); existing shards are untouched."""
-        entries = self._manifest_entries()
-        new_entries = [write_shard(self.path, self.spec, doc) for doc in documents]
-        new_ids = {e["id"] for e in new_entries}
-        clashes = new_ids & {e["id"] for e in entries}
-        if clashes and not replace:
-            raise BankError(f"documents already in the bank: {sorted(clashes)} (pass replace=True)")
-        entries = [e for e in entries if e["id"] not in new_ids] + new_entries
-        _check_unique_documents(entries)
-        return self._commit(entries)
+        """Add documents' atoms (their shards, one new segment, one atomic manifest swap); nothing else is
+        touched. The bank on disk is read again first (a v1 bank is upgraded to v2)."""
+        return bank_writer.add_documents(self, documents, replace)
 
     def remove_documents(self, document_ids: Iterable[str]) -> AtomBank:
-        """Drop documents' atoms: one atomic manifest swap, then their shards are deleted."""
-        drop = set(document_ids)
-        missing = drop - set(self.document_ids)
-        if missing:
-            raise BankError(f"documents not in the bank: {sorted(missing)}", kind=BankErrorKind.NOT_FOUND)
-        return self._commit([e for e in self._manifest_entries() if e["id"] not in drop])
+        """Drop documents' atoms: one atomic manifest swap, then their shards (and segments no document
+        references any more) are deleted."""
+        return bank_writer.remove_documents(self, document_ids)
 
-    def _manifest_entries(self) -> list[dict[str, Any]]:
-        return json.loads((self.path / MANIFEST_NAME).read_text())["documents"]
+    def upgrade(self) -> AtomBank:
+        """Rewrite a v1 bank as v2 without touching its shards (a v2 bank is returned as it is)."""
+        return bank_writer.upgrade(self)
 
-    def _commit(self, entries: list[dict[str, Any]]) -> AtomBank:
-        _write_manifest(self.path, self.spec, entries)
-        live = {(self.path / e["shard"]).name for e in entries}
-        for shard in (self.path / SHARDS_DIR).glob("*.safetensors"):
-            if shard.name not in live:
-                shard.unlink(missing_ok=True)
-        return AtomBank.load(self.path, name=self.name)
+    # ---- for bank_writer -----------------------------------------------------------------------
+
+    @property
+    def verified(self) -> bool:
+        return self._verified
+
+    @property
+    def table(self) -> DocumentTable | None:
+        """v2: the manifest's document table."""
+        return self._table
+
+    @property
+    def segments(self) -> list[Segment]:
+        return self._segments
+
+    @property
+    def shard_shas(self) -> list[str]:
+        return list(self._shard_shas)
+
+    def shard_file(self, doc: int) -> str:
+        """Document `doc`'s shard, relative to the bank."""
+        return self._shard_name(doc)
+
+    def document_atoms(self, doc: int) -> int:
+        return int(self._doc_starts[doc + 1] - self._doc_starts[doc])
 
 
-# ---- helpers -----------------------------------------------------------------------------------
-
-
-def _check_unique_documents(entries: list[dict[str, Any]]) -> None:
-    doc_ids = [e["id"] for e in entries]
-    if len(set(doc_ids)) != len(doc_ids):
-        raise BankError("the same document id appears twice")
-    atom_ids = [a["id"] for e in entries for a in e["atoms"]]
-    if len(set(atom_ids)) != len(atom_ids):
-        raise BankError("atom ids must be unique across the bank")
-
-
-def _write_manifest(bank: Path, spec: BankSpec, entries: list[dict[str, Any]]) -> None:
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "spec": spec.to_dict(),
-        "documents": entries,
-    }
-    atomic_write_text(bank / MANIFEST_NAME, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+def _check_unique_ids(hashes: np.ndarray, atoms: Sequence[AtomRecord]) -> None:
+    """Atom ids unique: compared as 64-bit hashes; only rows whose hashes collide are read to tell."""
+    order = np.argsort(hashes, kind="stable")
+    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+    for j in same[:100]:
+        a, b = atoms[int(order[j])], atoms[int(order[j + 1])]
+        if a.id == b.id:
+            raise BankError(f"{MANIFEST_NAME}: atom id {a.id!r} is not unique")

@@ -183,8 +183,8 @@ class RoutableBank(Protocol):
     path: PurePath
     spec: BankSpec
     fingerprint: str  # changes with any change of content: caches are keyed by it
-    atoms: list[AtomRecord]
-    keys: np.ndarray  # [N, key_dim] float32
+    atoms: Sequence[AtomRecord]  # read-only; a v2 AtomBank parses a record when it is accessed
+    keys: np.ndarray  # [N, key_dim] float32 (Router prefers `key_source()`, when a bank has one)
     gates: np.ndarray  # [N, T] float32, columns in spec.targets order
 
     def __len__(self) -> int: ...

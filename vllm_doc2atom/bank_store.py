@@ -35,8 +35,10 @@ class BankStore:
                  recheck_seconds: float = 1.0) -> None:
         self.root = root
         self.served_model = served_model
-        # get() stats every shard of a cached bank at most this often (the manifest: always); factors()
-        # checks the shards it reads on every read regardless, and list() always checks them all.
+        # get() stats every shard of a cached v1 bank at most this often (the manifest: always); factors()
+        # checks the shards it reads on every read regardless, and list() always checks them (a v2 bank: its
+        # segments and the shards read so far). A v2 bank's files are never statted per request: shards are
+        # immutable and hash-checked on every read, segments re-hashed when a read finds their stat changed.
         self.recheck_seconds = recheck_seconds
         self._cache: dict[Path, AtomBank] = {}
         self._checked: dict[Path, float] = {}  # path -> time.monotonic() of the last full shard check
@@ -86,14 +88,16 @@ class BankStore:
     def get(self, name: Any, check_shards: bool | None = None) -> AtomBank:
         """Load (or reuse) a bank. A changed manifest on disk triggers a reload; a changed shard is
         re-hashed, and a missing or corrupt one raises BankError kind "invalid" (for this bank only).
-        `check_shards`: stat every shard now (True), never (False), or at most every `recheck_seconds`."""
+        `check_shards`: check the bank's files now (True: see AtomBank.check_files), never (False), or (None)
+        at most every `recheck_seconds` for a v1 bank and never for a v2 bank, whose load reads no shard."""
         path = self._resolve_through_swaps(name)
         with self._lock:
             bank = self._cache.get(path)
             if bank is not None:
                 now = time.monotonic()
                 if check_shards is None:
-                    check_shards = now - self._checked.get(path, float("-inf")) >= self.recheck_seconds
+                    due = now - self._checked.get(path, float("-inf")) >= self.recheck_seconds
+                    check_shards = due and bank.format_version == 1
                 try:
                     bank.check_files(shards=check_shards)
                     if check_shards:

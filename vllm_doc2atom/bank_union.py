@@ -12,16 +12,17 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
 from .bank import AtomBank
 from .bank_interface import AtomRecord, BankSpec, Target
 from .errors import BankError, BankErrorKind
+from .key_index import ChainedKeys, KeySource
 from .router_head import RouterHead
 
 if TYPE_CHECKING:
@@ -68,12 +69,17 @@ class BankUnion:
         return f"BankUnion({self.names!r}, atoms={len(self)})"
 
     @cached_property
-    def atoms(self) -> list[AtomRecord]:
-        return [atom for bank in self.banks for atom in bank.atoms]
+    def atoms(self) -> Sequence[AtomRecord]:
+        """The members' records one after another, without copying them (a member may hold millions)."""
+        return _Chained([bank.atoms for bank in self.banks])
 
     @cached_property
     def keys(self) -> np.ndarray:
+        """Every member's keys in memory (the router builds its index from `key_source()` instead)."""
         return np.concatenate([bank.keys for bank in self.banks])
+
+    def key_source(self) -> KeySource:
+        return ChainedKeys([bank.key_source() for bank in self.banks])
 
     @cached_property
     def gates(self) -> np.ndarray:
@@ -131,6 +137,36 @@ class BankUnion:
 
     def reranker_folders(self) -> list[Path]:
         return [folder for bank in self.banks for folder in bank.reranker_folders()]
+
+
+class _Chained(Sequence[AtomRecord]):
+    """Sequences one after another, read-only."""
+
+    def __init__(self, parts: Sequence[Sequence[AtomRecord]]) -> None:
+        self._parts = list(parts)
+        self._starts = np.cumsum([0] + [len(p) for p in self._parts]).tolist()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    @overload
+    def __getitem__(self, index: int) -> AtomRecord: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[AtomRecord]: ...
+
+    def __getitem__(self, index: int | slice) -> AtomRecord | list[AtomRecord]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        row = index + len(self) if index < 0 else index
+        if not 0 <= row < len(self):
+            raise IndexError(f"atom index {index} outside bank union of {len(self)} atoms")
+        part = bisect.bisect_right(self._starts, row) - 1
+        return self._parts[part][row - self._starts[part]]
+
+    def __iter__(self) -> Iterator[AtomRecord]:
+        for part in self._parts:
+            yield from part
 
 
 def _incompatibility(a: BankSpec, b: BankSpec) -> str | None:

@@ -98,7 +98,9 @@ class Router:
     def index_for(self, bank: RoutableBank) -> KeyIndex:
         index = self._indexes.get(bank.fingerprint)
         if index is None:
-            index = KeyIndex(bank.keys, self.config.index)
+            # A bank that can read its keys in blocks (AtomBank, BankUnion) never holds them all in memory.
+            source = bank.key_source() if hasattr(bank, "key_source") else bank.keys
+            index = KeyIndex(source, self.config.index)
             self._indexes[bank.fingerprint] = index
             while len(self._indexes) > self.config.index_cache_size:
                 self._indexes.popitem(last=False)

@@ -1,7 +1,8 @@
 """One document's shard on disk: a content-addressed safetensors file, written once, checked on every read.
 
 Shards are read whole, never mmapped, and hashed against the manifest's sha256, so a shard changed, truncated
-or deleted under a running server is a BankError, never NaN factors or a crash.
+or deleted under a running server is a BankError, never NaN factors or a crash. Both bank formats share the
+shard layout (a v2 bank routes with its segments' copy of `keys` and `gates`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def read_shard(path: Path, relative: str, spec: BankSpec, num_atoms: int,
         raise BankError(f"{label} is missing") from None
     except OSError as exc:
         raise BankError(f"{label} cannot be read ({exc.strerror or type(exc).__name__})") from exc
-    keys, gates = _check_tensors(tensors, label, spec, num_atoms, full=sha256 is not None)
+    keys, gates = check_tensors(tensors, label, spec, num_atoms, full=sha256 is not None)
     if gates.size and (gates.min() < 0 or gates.max() > 1):
         raise BankError(f"{label}: gates must lie in [0, 1]")
     return keys, gates, stat
@@ -79,8 +80,8 @@ def read_checked(path: Path, sha256: str | None, label: str,
         raise BankError(f"{label} is corrupt: not a readable safetensors file ({str(exc)[:200]})") from exc
 
 
-def _check_tensors(tensors: dict[str, torch.Tensor], label: str, spec: BankSpec, num_atoms: int,
-                   full: bool) -> tuple[np.ndarray, np.ndarray]:
+def check_tensors(tensors: dict[str, torch.Tensor], label: str, spec: BankSpec, num_atoms: int,
+                  full: bool) -> tuple[np.ndarray, np.ndarray]:
     """Tensor names and shapes as the spec says; keys and gates (and with `full`, every tensor) finite floats."""
     expected = spec.expected_shapes(num_atoms)
     if set(tensors) != set(expected):
@@ -113,8 +114,14 @@ def stat_key(st: os.stat_result) -> StatKey:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def write_shard(bank: Path, spec: BankSpec, doc: DocumentAtoms) -> dict[str, Any]:
-    """Validate a document's tensors, write them as a content-addressed shard, return its manifest entry."""
+def shard_name(sha256: str) -> str:
+    """A shard's name relative to its bank, from its content hash."""
+    return f"{SHARDS_DIR}/{sha256[:16]}.safetensors"
+
+
+def write_shard(bank: Path, spec: BankSpec, doc: DocumentAtoms) -> str:
+    """Validate a document's tensors and records, write them as a content-addressed shard; return its
+    sha256."""
     import torch
     from safetensors.torch import save_file
 
@@ -130,6 +137,9 @@ def write_shard(bank: Path, spec: BankSpec, doc: DocumentAtoms) -> dict[str, Any
             raise BankError(f"document {doc.document_id!r}: {name} is {tensor.dtype}, not floating point")
         if not bool(torch.isfinite(tensor).all()):
             raise BankError(f"document {doc.document_id!r}: {name} contains NaN or Inf")
+    gates = doc.tensors["gates"]
+    if gates.numel() and not (0 <= float(gates.min()) and float(gates.max()) <= 1):
+        raise BankError(f"document {doc.document_id!r}: gates must lie in [0, 1]")
     for atom in doc.atoms:
         if atom.document_id != doc.document_id:
             raise BankError(f"atom {atom.id!r} names document {atom.document_id!r}, not {doc.document_id!r}")
@@ -142,15 +152,8 @@ def write_shard(bank: Path, spec: BankSpec, doc: DocumentAtoms) -> dict[str, Any
                   metadata={"document_id": doc.document_id})
         make_readable(tmp)
         sha = file_sha256(tmp)
-        final = shards / f"{sha[:16]}.safetensors"
-        os.replace(tmp, final)  # same content, same name: replacing is harmless
+        os.replace(tmp, bank / shard_name(sha))  # same content, same name: replacing is harmless
     finally:
         tmp.unlink(missing_ok=True)
-    return {
-        "id": doc.document_id,
-        "shard": f"{SHARDS_DIR}/{final.name}",
-        "sha256": sha,
-        "num_atoms": len(doc.atoms),
-        "atoms": [a.to_dict() for a in doc.atoms],
-    }
+    return sha
 
