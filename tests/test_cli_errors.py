@@ -106,6 +106,13 @@ CASES = {
         ["unknown module bogus_proj to adapt: choose from q_proj"], ["bank"]),
     "compile_rank_zero": (
         "compile {tmp}/doc.txt --out {tmp}/bank --rank 0", ["rank (0)", "must be at least 1"], ["bank"]),
+    "compile_unknown_device": (
+        "compile {tmp}/doc.txt --out {tmp}/bank --device gpu", ["--device gpu: choose auto, cpu, cuda, cuda:N"],
+        ["bank"]),
+    "data_build_unknown_device": (
+        "data build --source synthetic --limit 2 --out {tmp}/data --device tpu", ["--device tpu: choose"], ["data"]),
+    "eval_unknown_device": (
+        "eval --data {tmp}/folder --out {tmp}/eval --device cuda:x", ["--device cuda:x: choose"], ["eval"]),
     "data_build_unknown_source": (
         "data build --source nosuch --out {tmp}/data",
         ["unknown source 'nosuch': use one of drop, hotpotqa, qasper_yesno, squad1, squad2, synthetic, or a SQuAD "

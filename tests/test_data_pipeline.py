@@ -123,6 +123,7 @@ def test_data_build_cli_with_teacher_targets_and_resume(tmp_path, tiny_model_dir
     printed = json.loads(capsys.readouterr().out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert printed["counts"] == manifest["counts"] and manifest["counts"]["documents"] == 4
+    assert printed["teacher"]["device"] in ("cpu", "cuda:0") and manifest["config"]["teacher_device"] == "auto"
     questions = [json.loads(line) for line in (out / "questions.jsonl").open()]
     documents = {d["id"]: d for d in map(json.loads, (out / "documents.jsonl").open())}
     atoms = [json.loads(line) for line in (out / "atoms.jsonl").open()]

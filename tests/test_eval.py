@@ -94,6 +94,7 @@ def test_eval_in_process_scores_every_method_and_writes_table_json_and_chart(tmp
     table = capsys.readouterr().out
     assert list(results["methods"]) == ["base", "icl", "d2l_atom", "doc2atom"]
     assert results["skipped"] == {"d2l_raw": "no checkpoint given"} and "d2l_raw not run" in table
+    assert results["settings"]["device"] == "auto" and results["device"]["dtype"] in ("float32", "bfloat16")
     replies = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
     questions = {r["question_id"] for r in replies}
     assert len(replies) == 4 * len(questions)
@@ -108,6 +109,7 @@ def test_eval_in_process_scores_every_method_and_writes_table_json_and_chart(tmp
     for method in ("d2l_atom", "doc2atom"):
         costs = results["methods"][method]
         assert costs["documents"] == 2 and costs["bytes_per_document"] > 0 and costs["compile_peak_memory_mb"] > 0
+        assert costs["device"] == results["device"]["device"]  # compiled where the answers ran
     assert len(list((out / "banks" / "doc2atom").iterdir())) == 2
     assert len(list((out / "adapters" / "d2l_atom").iterdir())) == 2
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

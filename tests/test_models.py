@@ -10,6 +10,7 @@ import torch
 from vllm_doc2atom.fingerprint import BaseModelFingerprint
 
 
+@pytest.mark.portable
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_tiny_model_generates_with_a_real_tokenizer_and_chat_template(tmp_path, arch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -58,3 +59,21 @@ def test_unknown_model_name_is_a_clear_error():
 
     with pytest.raises(ValueError, match="unknown model 'gpt-5'.*smollm2-135m-instruct"):
         prepare_model("gpt-5")
+
+
+@pytest.mark.portable
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_fits_make_logits_as_the_model_does(tmp_path, arch):
+    """The fit reads logits from the last hidden states itself: Gemma-2's final soft cap must be applied."""
+    from transformers import AutoModelForCausalLM
+
+    from training.models import build_tiny_model
+    from training.student import output_logits
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / arch, arch=arch, num_layers=2))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(200.0)  # logits far beyond Gemma-2's cap of 30
+        out = model(input_ids=torch.tensor([[5, 9, 14, 3]]), output_hidden_states=True)
+        logits = output_logits(model, out.hidden_states[-1])
+    assert out.logits.abs().max() > (29.0 if arch == "gemma2" else 30.0)
+    torch.testing.assert_close(logits, out.logits, rtol=1e-4, atol=1e-3)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from training.atomize.rules import RuleAtomizer, RuleAtomizerConfig
+from training.device import DeviceConfig
 from training.study import questions as q
 from training.study.fit import CompositionSampler, Example, FitConfig, fit_document, fit_steps, length_batches
 from training.study.generation import chat_prompt_ids, generate, split_common_prefix
@@ -18,7 +19,12 @@ from vllm_doc2atom.reranker import shipped_identity
 
 from .conftest import EXAMPLE_DOCS
 
+portable = pytest.mark.portable  # no vLLM, no packaged model: scripts/gpu_check.sh runs them on the GPU
+# the GPU when there is one (float32: compared with transformers' own generate), else the CPU
+DEVICE = DeviceConfig.from_flags("auto", "float32")
 
+
+@portable
 def test_span_questions_ask_for_each_answer_span_with_its_wh_phrase():
     asked = q.span_questions("The harbor of Quillon was built in 1743 by the shipwright Odela Vance.")
     assert "The harbor of Quillon was built in which year by the shipwright Odela Vance?" in asked
@@ -28,6 +34,7 @@ def test_span_questions_ask_for_each_answer_span_with_its_wh_phrase():
     assert q.span_questions("In 1994 astronomers found a comet.")[0] == "When astronomers found a comet?"
 
 
+@portable
 def test_clipped_span_questions_end_with_the_asked_spans_clause():
     atom = "The harbor master today is Teodor Plash, who keeps a ledger of every ship that enters."
     pairs = q.span_questions_with_answers(atom, clipped=True)
@@ -38,6 +45,7 @@ def test_clipped_span_questions_end_with_the_asked_spans_clause():
     assert len(q.span_questions_with_answers("Its lighthouse is 41 meters tall.", clipped=True)) == 1  # no clause
 
 
+@portable
 def test_model_questions_are_kept_only_when_they_are_questions_about_the_atom():
     atom = "The harbor master today is Teodor Plash, who keeps a ledger of every ship."
     assert q.clean_model_question('Question: "Who is the harbor master today?" I hope', atom) == \
@@ -48,11 +56,12 @@ def test_model_questions_are_kept_only_when_they_are_questions_about_the_atom():
     assert q.document_subject("# The Harbor of Quillon\n\nQuillon is a town.") == "The Harbor of Quillon"
 
 
+@portable
 def test_prefix_shared_generation_matches_transformers_generate(tiny_model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model = DEVICE.load_causal_lm(tiny_model_dir)
     document = "The Amber Needle is 41 meters tall. " * 3
     prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": document + question}])
                for question in ("How tall is it?", "Who built the harbor of Quillon?", "Why?")]
@@ -60,14 +69,17 @@ def test_prefix_shared_generation_matches_transformers_generate(tiny_model_dir):
     assert len(prefix) > 10 and all(prefix + rest == p for rest, p in zip(rests, prompts))
     ours = generate(model, tokenizer, prompts, 6, top_k=4)
     for prompt, got in zip(prompts, ours):
-        reference = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
-                                   output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        ids = torch.tensor([prompt], device=DEVICE.torch_device)
+        reference = model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True,
+                                   return_dict_in_generate=True, pad_token_id=0)
         tokens = reference.sequences[0, len(prompt):].tolist()[: len(got.tokens)]
         assert got.tokens == tokens
         top = torch.log_softmax(torch.stack(reference.logits)[: len(got.tokens), 0], -1).topk(4, -1)
-        torch.testing.assert_close(got.topk_logprobs, top.values, atol=1e-4, rtol=0)
+        assert got.topk_logprobs.device.type == "cpu"  # whatever the model's device
+        torch.testing.assert_close(got.topk_logprobs, top.values.cpu(), atol=1e-4, rtol=0)
 
 
+@portable
 def test_compositions_follow_the_router_add_distractors_and_protect_unrelated_prompts():
     composer = CompositionSampler(5, FitConfig(router_share=1.0, alone_share=0.0))
     routed = Example(2, [1], torch.tensor([3]), torch.tensor([[3]]), torch.tensor([[0.0]]), routed=[(4, 0.9)])
@@ -82,10 +94,9 @@ def test_compositions_follow_the_router_add_distractors_and_protect_unrelated_pr
     assert rows.shape == weights.shape and (weights >= 0).all()
 
 
+@portable
 def test_fitting_a_documents_atoms_together_lowers_the_distillation_loss(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval().requires_grad_(False)
+    model = DEVICE.load_causal_lm(tiny_model_dir)
     targets = [Target("down_proj", 3)]
     generator = torch.Generator().manual_seed(0)
     examples = []
@@ -193,12 +204,14 @@ def test_refusal_benchmark_calibrates_each_document_as_the_compiler_does(tmp_pat
     assert refused["off_topic"] > refused["answerable"] and 0 <= result["off_topic_refusal_f1"] <= 100
 
 
+@portable
 def test_fit_steps_follow_the_examples_when_passes_are_set():
     assert fit_steps(FitConfig(steps=60), 10) == fit_steps(FitConfig(steps=60), 500) == 60
     passes = FitConfig(passes=16, batch_size=12)
     assert (fit_steps(passes, 30), fit_steps(passes, 120), fit_steps(passes, 0)) == (40, 160, 1)
 
 
+@portable
 def test_length_batches_cover_every_example_once_per_pass_in_batches_of_like_length():
     import random
 

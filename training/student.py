@@ -33,7 +33,10 @@ class LoRAHooks:
             if self.factors is None or target not in self.factors:
                 return output
             a, b = self.factors[target]
-            return output + (inputs[0] @ a.transpose(-1, -2)) @ b.transpose(-1, -2)
+            # the factors are float32 master weights even when the base model runs in bfloat16: the LoRA
+            # path runs in theirs and only its sum is cast to the layer's (no-ops for a float32 model)
+            delta = (inputs[0].to(a.dtype) @ a.transpose(-1, -2)) @ b.transpose(-1, -2)
+            return output + delta.to(output.dtype)
 
         return hook
 
@@ -53,11 +56,22 @@ class LoRAHooks:
 def run_last_layers(model: nn.Module, hidden: torch.Tensor, start_layer: int) -> torch.Tensor:
     """hidden [b, t, H] entering layer `start_layer` -> final-normed hidden states [b, t, H].
 
-    Sequences are right-padded, so the causal mask alone keeps real positions exact."""
+    Sequences are right-padded, so the causal mask alone keeps real positions exact. The states run in the
+    model's dtype (cached states may be kept in another)."""
     inner = model.model
-    positions = torch.arange(hidden.shape[1]).unsqueeze(0).expand(hidden.shape[0], -1)
+    hidden = hidden.to(inner.norm.weight.dtype)
+    positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0).expand(hidden.shape[0], -1)
     rotary = inner.rotary_emb(hidden, positions)
     for layer in inner.layers[start_layer:]:
         out = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary)
         hidden = out[0] if isinstance(out, tuple) else out
     return inner.norm(hidden)
+
+
+def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Final-normed hidden states [..., H] -> logits [..., V] as the model's own forward makes them: through
+    the output embedding, then Gemma-2's final soft cap (cap * tanh(logits / cap)) where the model has one,
+    so that a fit's logits match the teacher's and vLLM's."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits

@@ -45,13 +45,19 @@ class AtomInputs:
 def atom_features(model: nn.Module, tokenizer, document: str, spans: Sequence[tuple[int, int]],
                   layer: int) -> AtomInputs:
     """The compiler's inputs for each atom (by character span) of one document. The document is read once, in
-    windows of the model's context size, so every atom's states carry their context."""
+    windows of the model's context size, so every atom's states carry their context. The model may be on any
+    device, in any dtype: the inputs come back float32, on the CPU."""
     encoding = tokenizer(document, return_offsets_mapping=True, add_special_tokens=False)
     ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
     hidden = model.config.hidden_size
     window = min(getattr(model.config, "max_position_embeddings", 2048), 2048)
-    states = torch.cat([model(input_ids=torch.tensor([ids[i : i + window]]), output_hidden_states=True)
-                        .hidden_states[layer][0] for i in range(0, max(len(ids), 1), window)]) if ids else None
+    device = next(model.parameters()).device
+
+    def read(window_ids: list[int]) -> torch.Tensor:  # one window's layer-`layer` states [t, H]
+        out = model(input_ids=torch.tensor([window_ids], device=device), output_hidden_states=True)
+        return out.hidden_states[layer][0]
+
+    states = torch.cat([read(ids[i : i + window]) for i in range(0, max(len(ids), 1), window)]) if ids else None
     embed = model.get_input_embeddings()
     rows = [[i for i, (s, e) in enumerate(offsets) if s < end and start < e][:MAX_ATOM_TOKENS]
             for start, end in spans]
@@ -60,7 +66,8 @@ def atom_features(model: nn.Module, tokenizer, document: str, spans: Sequence[tu
                      torch.zeros(len(spans), width, dtype=torch.bool))
     for n, tokens in enumerate(rows):
         if states is not None and tokens:
-            out.states[n, : len(tokens)] = states[tokens].float()
-            out.embeddings[n, : len(tokens)] = embed(torch.tensor([ids[t] for t in tokens])).float()
+            out.states[n, : len(tokens)] = states[tokens].float().cpu()
+            token_ids = torch.tensor([ids[t] for t in tokens], device=device)
+            out.embeddings[n, : len(tokens)] = embed(token_ids).float().cpu()
             out.mask[n, : len(tokens)] = True
     return out

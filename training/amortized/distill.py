@@ -9,7 +9,7 @@ from vllm_doc2atom.bank_interface import Target
 from vllm_doc2atom.composer import stack_factors
 
 from .. import losses
-from ..student import LoRAHooks, run_last_layers
+from ..student import LoRAHooks, output_logits, run_last_layers
 from .config import TrainConfig
 from .memory_compiler import MemoryCompiler
 from .prepared import AtomTable, QuestionItem
@@ -129,7 +129,7 @@ class Distiller:
         factors = self._compose(selections, a, b, gates)
         hidden = self.run_layers([q.student.hidden for q in answerable], factors)
         picked = torch.cat([hidden[i, q.student.answer_positions] for i, q in enumerate(answerable)])
-        return self.model.lm_head(picked)
+        return output_logits(self.model, picked)
 
     def _protection(self, paired: list[tuple[QuestionItem, Selection]], a: Factors, b: Factors,
                     gates: torch.Tensor, denominator: float) -> torch.Tensor:
@@ -139,7 +139,7 @@ class Distiller:
         adapted = self.run_layers(hiddens, self._compose([s for _, s in paired], a, b, gates))
         with torch.no_grad():
             base = self.run_layers(hiddens, None)
-        pick = lambda h: self.model.lm_head(torch.cat([h[i, s] for i, s in enumerate(tail)]))  # noqa: E731
+        pick = lambda h: output_logits(self.model, torch.cat([h[i, s] for i, s in enumerate(tail)]))  # noqa: E731
         return losses.logits_kl(pick(base), pick(adapted), denominator)
 
 

@@ -8,6 +8,7 @@ import math
 import torch
 
 from .. import losses
+from ..student import output_logits
 from .distill import Distiller
 from .prepared import QuestionItem
 
@@ -53,8 +54,8 @@ def validate(distiller: Distiller, items: list[QuestionItem], k: int,
         answerable, [[(local[r], one) for r in table.document_rows[q.document_id]] for q in answerable],
         a, b, gates)
     hidden = distiller.run_layers([q.student.hidden for q in answerable], None)
-    base = distiller.model.lm_head(
-        torch.cat([hidden[i, q.student.answer_positions] for i, q in enumerate(answerable)]))
+    base = output_logits(distiller.model, torch.cat([hidden[i, q.student.answer_positions]
+                                                     for i, q in enumerate(answerable)]))
     out["answer_ce_gold"] = float(losses.answer_ce(gold, tokens))
     out["answer_ce_document"] = float(losses.answer_ce(document, tokens))
     out["answer_ce_base"] = float(losses.answer_ce(base, tokens))

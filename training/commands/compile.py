@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..device import add_device_flags, device_from_args
 from ..inputs import InputError
 
 
@@ -18,7 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "compile", help="compile documents into an atom bank",
         description="Cut documents into atoms and make each atom's micro-LoRA. --mode study (default) fits "
                     "them by self-study with the base model itself (any causal LM folder, no trained "
-                    "compiler); amortized/optimize use a trained memory compiler checkpoint.")
+                    "compiler); amortized/optimize use a trained memory compiler checkpoint. The base model "
+                    "runs on the GPU in bfloat16 when torch sees one, else on the CPU in float32 (--device, "
+                    "--dtype); banks come out the same format either way.")
     p.add_argument("documents", nargs="+", help=".txt/.md files (id = file name) or .jsonl of {id, text}")
     p.add_argument("--out", required=True, help="bank folder to write")
     p.add_argument("--model", help="base model: a packaged name or a Hugging Face model folder (study "
@@ -47,6 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-questions", type=int, default=study.model_questions,
                    help="study: questions sampled from the base model per atom (besides the rule-made ones)")
     p.add_argument("--no-cache", action="store_true", help="study: recompute even documents already studied")
+    add_device_flags(p, "the base model (generation, teacher and fitting; optimize mode's refinement)")
     p.add_argument("--refine-steps", type=int, default=8, help="optimize mode: steps per atom")
     p.add_argument("--refine-lr", type=float, default=1e-3, help="optimize mode: learning rate")
     p.add_argument("--atomizer", choices=["rules", "chunks"], default="rules",
@@ -69,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from ..study.fit import FitConfig
 
     check_flags(args)
+    device = device_from_args(args)  # an InputError before any document is read or model loaded
     documents = read_documents(args.documents)
     study = StudyConfig(modules=tuple(args.modules.split(",")), last_layers=args.layers, rank=args.rank,
                         model_questions=args.model_questions, cache=not args.no_cache,
@@ -76,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
     bank, stats = compile_documents(documents, args.out, mode=args.mode, checkpoint=args.checkpoint,
                                     model_dir=args.model, overwrite=args.overwrite, atomizer=args.atomizer,
                                     add=args.add, study=study, routing_text=args.routing_text,
-                                    reranker=args.reranker,
+                                    reranker=args.reranker, device=device,
                                     refine=RefineConfig(steps=args.refine_steps, lr=args.refine_lr))
+    if bank is None:  # a torchrun rank other than 0: its share is in the cache, rank 0 writes the bank
+        return 0
     print(json.dumps({"bank": str(bank.path), **stats}, indent=2))
     return 0
 

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..device import add_device_flags, device_from_args
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="training data").add_subparsers(dest="action", required=True)
@@ -20,7 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="at most this many documents (quick runs)")
     p.add_argument("--model", help="teacher base model: a folder or a packaged name; omit to skip teacher "
                                    "targets")
-    p.add_argument("--teacher-backend", choices=["auto", "vllm", "transformers"], default="auto")
+    p.add_argument("--teacher-backend", choices=["auto", "vllm", "transformers"], default="auto",
+                   help="auto (default): vLLM for big jobs when it is installed, else transformers")
+    add_device_flags(p, "the transformers teacher (vLLM places itself; it takes an explicit --dtype)")
     p.add_argument("--top-k", type=int, default=16, help="teacher log-probabilities kept per answer token")
     p.add_argument("--atomizer", choices=["rules", "llm", "chunks"], default="rules",
                    help="rules (default), llm (an OpenAI-compatible endpoint), chunks (raw windows: d2l_raw)")
@@ -38,12 +42,13 @@ def run_build(args: argparse.Namespace) -> int:
     from ..models import resolve_model
 
     check_source(args.source)  # before preparing a teacher model
+    device_from_args(args)  # --device / --dtype checked as early
     model = str(resolve_model(args.model)) if args.model else None
     config = BuildConfig(source=args.source, out=Path(args.out), limit=args.limit, atomizer=args.atomizer,
                          llm_base_url=args.llm_base_url, llm_model=args.llm_model,
                          llm_api_key=args.llm_api_key, probes_per_document=args.probes_per_doc,
                          teacher_model=model, teacher_backend=args.teacher_backend, top_k=args.top_k,
-                         seed=args.seed)
+                         seed=args.seed, teacher_device=args.device, teacher_dtype=args.dtype)
     manifest = build_dataset(config)
     summary = {key: manifest[key] for key in ("counts", "seconds", "atoms_per_second", "teacher")}
     print(json.dumps(summary, indent=2))

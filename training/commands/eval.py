@@ -6,6 +6,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from ..device import add_device_flags, device_from_args
 from ..inputs import InputError
 
 
@@ -47,6 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--refine-lr", type=float, default=1e-3,
                    help="doc2atom_optimize: refinement learning rate")
     p.add_argument("--serve-args", default="", help='extra `vllm serve` arguments, e.g. "--dtype float32"')
+    add_device_flags(p, "the base model of the compiles and of --backend transformers (vllm serve places "
+                        "its own)")
     p.set_defaults(func=run)
 
 
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         serve_args = shlex.split(args.serve_args)
     except ValueError as err:
         raise InputError(f"--serve-args {args.serve_args}: {err} (quote it as one shell argument)") from err
+    device_from_args(args)  # --device / --dtype refused now, not after the datasets are read
     config = EvalConfig(data=args.data, out=args.out, checkpoint=args.checkpoint,
                         d2l_atom_checkpoint=args.d2l_atom_checkpoint,
                         d2l_raw_checkpoint=args.d2l_raw_checkpoint, model=args.model,
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                         limit=args.limit, max_tokens=args.max_tokens, max_lora_rank=args.max_lora_rank,
                         concurrency=args.concurrency, top_k=args.top_k, threshold=args.threshold,
                         seed=args.seed, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
-                        serve_args=serve_args)
+                        serve_args=serve_args, device=args.device, dtype=args.dtype)
     results = run_eval(config)
     print(write_report(results, Path(args.out)))
     print(f"\n{args.out}/results.json, results.md, results.png, replies.jsonl")

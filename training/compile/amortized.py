@@ -1,6 +1,10 @@
 """Compile modes `amortized` (the paper's: one forward pass of a trained memory compiler per atom) and
 `optimize` (then a few steps of context distillation per atom: see `refine_atom`). The bank carries the trained
 query projection and router head, so a server routes it exactly as it was trained.
+
+The base model runs where a `training.device.DeviceConfig` says (default: the CPU, float32); the compiler and
+the factors it writes stay float32 on the CPU (it is small), and optimize mode refines each atom's factors in
+float32 on the base model's device.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from vllm_doc2atom.fingerprint import BaseModelFingerprint
 from .. import losses
 from ..amortized.atom_inputs import atom_features
 from ..amortized.checkpoint import load_compiler
+from ..device import DeviceConfig, model_device
 from ..student import LoRAHooks
 from .documents import make_atomizer
 
@@ -36,7 +41,8 @@ def refine_atom(model, tokenizer, hooks: LoRAHooks, document: str, atom_text: st
                 config: RefineConfig) -> tuple[float, float]:
     """Context distillation of ONE atom's micro-LoRA: the base model with the document in context is the
     teacher of the atom text's second half given its first half; the student sees only that first half,
-    with the atom's adapter. a/b are updated in place; returns the KL before and after."""
+    with the atom's adapter. a/b (float32, on the model's device) are updated in place; returns the KL before
+    and after."""
     words = atom_text.split()
     if len(words) < 4:
         return math.nan, math.nan
@@ -44,16 +50,18 @@ def refine_atom(model, tokenizer, hooks: LoRAHooks, document: str, atom_text: st
     prefix = tokenizer(atom_text[:cut], add_special_tokens=False)["input_ids"]
     continuation = tokenizer(atom_text[cut:], add_special_tokens=False)["input_ids"]
     context = tokenizer(document + "\n\n", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        teacher = model(torch.tensor([context + prefix + continuation])).logits[0, len(context) + len(prefix) - 1:-1]
-    student_ids = torch.tensor([prefix + continuation])
+    device = model_device(model)
+    with torch.no_grad():  # logits in float32 whatever the model's dtype: the KL is taken in float32
+        teacher = model(torch.tensor([context + prefix + continuation], device=device)).logits[
+            0, len(context) + len(prefix) - 1:-1].float()
+    student_ids = torch.tensor([prefix + continuation], device=device)
     params = [p.requires_grad_(True) for t in targets for p in (a[t], b[t])]
     optimizer = torch.optim.Adam(params, lr=config.lr)
 
     def kl() -> torch.Tensor:
         factors = {t: (scale[j] * a[t][None], b[t][None]) for j, t in enumerate(targets)}
         with hooks.active(factors):
-            student = model(student_ids).logits[0, len(prefix) - 1:-1]
+            student = model(student_ids).logits[0, len(prefix) - 1:-1].float()
         return losses.logits_kl(teacher, student)
 
     with torch.no_grad():
@@ -75,8 +83,8 @@ class AmortizedCompiler:
 
     def __init__(self, checkpoint: str | Path, model_dir: str | Path | None = None, mode: str = "amortized",
                  refine: RefineConfig | None = None, atomizer: str = "rules",
-                 routing_text: str = "atom") -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+                 routing_text: str = "atom", device: DeviceConfig | None = None) -> None:
+        from transformers import AutoTokenizer
 
         from vllm_doc2atom.encoders import SentenceTransformerEncoder
 
@@ -93,7 +101,8 @@ class AmortizedCompiler:
             raise ValueError(f"checkpoint {checkpoint} was trained for another base model: {'; '.join(diffs)}")
         self.mode, self.refine = mode, refine or RefineConfig()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.device = device or DeviceConfig()
+        self.model = self.device.load_causal_lm(model_dir)
         self.projection = self.compiler.query_proj.detach().numpy()
         self.sentences = SentenceTransformerEncoder()  # atom texts: raw; the compiler's key projection follows
         encoder = self.sentences.with_projection(self.projection)  # questions, as the server will encode them
@@ -122,14 +131,15 @@ class AmortizedCompiler:
                                      self.meta["encoder_layer"])
             a, b, gates = self.compiler(features)
         if self.hooks is not None:
+            device = self.device.torch_device
             for i, atom in enumerate(atoms):
-                rows_a = {t: a[t][i].clone() for t in self.targets}
-                rows_b = {t: b[t][i].clone() for t in self.targets}
+                rows_a = {t: a[t][i].clone().to(device) for t in self.targets}
+                rows_b = {t: b[t][i].clone().to(device) for t in self.targets}
+                scale = (gates[i] * self.compiler.config.lora_scaling).to(device)
                 before, after = refine_atom(self.model, self.tokenizer, self.hooks, text, atom.text, self.targets,
-                                            rows_a, rows_b, gates[i] * self.compiler.config.lora_scaling,
-                                            self.refine)
+                                            rows_a, rows_b, scale, self.refine)
                 for t in self.targets:
-                    a[t][i], b[t][i] = rows_a[t].detach(), rows_b[t].detach()
+                    a[t][i], b[t][i] = rows_a[t].detach().cpu(), rows_b[t].detach().cpu()
                 if not math.isnan(before):
                     self.kl_before.append(before)
                     self.kl_after.append(after)
@@ -146,11 +156,12 @@ class AmortizedCompiler:
         """Can atoms compiled now be added to a bank of this spec (same weights, targets, calibration)?"""
         return spec == self.spec
 
-    def stats(self) -> dict[str, float]:
-        """Optimize mode: how much closer the atoms' adapters got to the teacher."""
+    def stats(self) -> dict[str, float | str]:
+        """The device and dtype; optimize mode: how much closer the atoms' adapters got to the teacher."""
         if not self.kl_before:
-            return {}
-        return {"context_kl_before": round(sum(self.kl_before) / len(self.kl_before), 4),
+            return self.device.describe()
+        return {**self.device.describe(),
+                "context_kl_before": round(sum(self.kl_before) / len(self.kl_before), 4),
                 "context_kl_after": round(sum(self.kl_after) / len(self.kl_after), 4)}
 
 

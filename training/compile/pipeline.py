@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -43,20 +43,8 @@ def compile_with(compile_one: DocumentCompiler, documents: Mapping[str, str], ou
     """Compile documents into a bank at `out` (or, with `add`, into the existing bank there, replacing documents
     of the same id; the other shards stay untouched). Returns the bank and timing stats."""
     start = time.perf_counter()
-    existing = AtomBank.load(out) if add and Path(out).exists() else None
-    if existing is not None and not compile_one.compatible(existing.spec):
-        raise ValueError(f"bank {out} was compiled with {existing.spec.checkpoint} ({existing.spec.micro_rank=}, "
-                         f"{len(existing.spec.targets)} targets) as it was then, which differs from this compile "
-                         f"({compile_one.spec.checkpoint}): their atoms could not be routed and composed together; "
-                         "compile into a new bank instead")
-    compiled, atoms = [], 0
-    with tqdm(documents.items(), desc=f"compile ({compile_one.mode})", unit="doc") as bar:
-        for doc_id, text in bar:
-            result = compile_one(doc_id, text)
-            if result is not None:
-                compiled.append(result)
-                atoms += len(result.atoms)
-            bar.set_postfix(atoms=atoms, atoms_per_s=f"{atoms / max(time.perf_counter() - start, 1e-9):.2f}")
+    existing = bank_to_add_to(compile_one, out, add)
+    compiled, atoms = compile_each(compile_one, documents)
     if not compiled:  # nothing to write: leave `out` as it was
         raise InputError(f"nothing to compile: no atoms in any document ({name_list(documents)}); give documents "
                          "with sentences of text")
@@ -65,15 +53,52 @@ def compile_with(compile_one: DocumentCompiler, documents: Mapping[str, str], ou
     else:
         bank = compile_one.create_bank(out, compiled, overwrite=overwrite)
     seconds = time.perf_counter() - start
-    stats = {"mode": compile_one.mode, "documents": len(compiled), "atoms": atoms,
-             "seconds": round(seconds + load_seconds, 2), "load_seconds": round(load_seconds, 2),
-             "seconds_per_document": round(seconds / max(len(compiled), 1), 3),
-             "seconds_per_atom": round(seconds / max(atoms, 1), 3),
-             "atoms_per_second": round(atoms / max(seconds, 1e-9), 3),
-             "bytes_per_atom": round(_shard_bytes(bank) / max(len(bank), 1)), "peak_memory_mb": peak_memory_mb(),
-             **compile_one.stats()}
+    stats = {"mode": compile_one.mode, **rate_stats(len(compiled), atoms, seconds, load_seconds),
+             "bytes_per_atom": round(_shard_bytes(bank) / max(len(bank), 1)),
+             "peak_memory_mb": peak_memory_mb(), **compile_one.stats()}
     logger.info("compiled %s", stats)
     return bank, stats
+
+
+def bank_to_add_to(compile_one: DocumentCompiler, out: str | Path, add: bool) -> AtomBank | None:
+    """With `add`, the existing bank at `out` (None when there is none yet); ValueError when this compile's
+    atoms could not join it."""
+    existing = AtomBank.load(out) if add and Path(out).exists() else None
+    if existing is not None and not compile_one.compatible(existing.spec):
+        spec = existing.spec
+        raise ValueError(f"bank {out} was compiled with {spec.checkpoint} ({spec.micro_rank=}, "
+                         f"{len(spec.targets)} targets) as it was then, which differs from this compile "
+                         f"({compile_one.spec.checkpoint}): their atoms could not be routed and composed "
+                         "together; compile into a new bank instead")
+    return existing
+
+
+def compile_each(compile_one: DocumentCompiler, documents: Mapping[str, str], desc: str | None = None,
+                 done: Callable[[int], None] | None = None) -> tuple[list[DocumentAtoms], int]:
+    """One compile_one call per document, under a progress bar: (the documents with atoms, their atom count).
+    done(atoms) is called after each document (a torchrun rank reports its progress through it)."""
+    start = time.perf_counter()
+    compiled, atoms = [], 0
+    with tqdm(documents.items(), desc=desc or f"compile ({compile_one.mode})", unit="doc") as bar:
+        for doc_id, text in bar:
+            result = compile_one(doc_id, text)
+            found = 0 if result is None else len(result.atoms)
+            if result is not None:
+                compiled.append(result)
+                atoms += found
+            if done is not None:
+                done(found)
+            bar.set_postfix(atoms=atoms, atoms_per_s=f"{atoms / max(time.perf_counter() - start, 1e-9):.2f}")
+    return compiled, atoms
+
+
+def rate_stats(documents: int, atoms: int, seconds: float, load_seconds: float) -> dict[str, float]:
+    """Wall time (model loading included) and per-document / per-atom rates (loading excluded)."""
+    return {"documents": documents, "atoms": atoms,
+            "seconds": round(seconds + load_seconds, 2), "load_seconds": round(load_seconds, 2),
+            "seconds_per_document": round(seconds / max(documents, 1), 3),
+            "seconds_per_atom": round(seconds / max(atoms, 1), 3),
+            "atoms_per_second": round(atoms / max(seconds, 1e-9), 3)}
 
 
 def _shard_bytes(bank: AtomBank) -> int:

@@ -10,6 +10,10 @@ calibrated on the reranker's scores of the bank's own study questions against of
 
 Questions + teacher answers and fitted factors are cached by content under $DOC2ATOM_CACHE/study, so a rerun or
 `compile --add` skips the documents already done.
+
+The base model runs on the device and in the dtype of a `training.device.DeviceConfig` (default: the CPU in
+float32); the factors are fitted and stored in float32 either way. A dtype other than float32 is part of the
+cache key (it changes the answers and the fit); the device is not.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from vllm_doc2atom.files import atomic_file, atomic_write_text
 from vllm_doc2atom.fingerprint import MODULE_PARENTS, BaseModelFingerprint
 
 from ..data.teacher import teacher_messages
+from ..device import DeviceConfig
 from ..inputs import InputError
 from ..models import cache_root
 from ..student import LoRAHooks
@@ -99,11 +104,12 @@ class StudyCompiler:
 
     def __init__(self, model_dir: str | Path, config: StudyConfig | None = None, atomizer: str = "rules",
                  monolithic: bool = False, routing_text: str | None = None,
-                 reranker: str | None = "shipped") -> None:
+                 reranker: str | None = "shipped", device: DeviceConfig | None = None) -> None:
         """reranker: "shipped", "none" or a trained reranker's folder (study_routing.study_router); the
         monolithic baseline is one atom per document and never reranked. routing_text (what keys and reranker
-        read, make_atomizer): default "titled" when the reranker was trained on titled text, else "atom"."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        read, make_atomizer): default "titled" when the reranker was trained on titled text, else "atom".
+        device: where the base model runs (the sentence encoder and reranker stay on the CPU, as served)."""
+        from transformers import AutoTokenizer
 
         from vllm_doc2atom.encoders import SentenceTransformerEncoder
 
@@ -112,8 +118,8 @@ class StudyCompiler:
         self.router: StudyRouter = study_router(None if monolithic else reranker, self.encoder)  # checked first
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.model.requires_grad_(False)
+        self.device = device or DeviceConfig()
+        self.model = self.device.load_causal_lm(model_dir)
         self.base = BaseModelFingerprint.from_model_dir(model_dir)
         self.targets = self.config.targets(self.base)
         self.hooks = LoRAHooks(self.model, self.targets)
@@ -145,7 +151,7 @@ class StudyCompiler:
             tensors, positives = cached
             self.timings.cached_documents += 1
         else:
-            tensors, positives = self._fit(text, atoms, keys, rank)
+            tensors, positives = self._fit(text, atoms, keys, rank, key)
             self._save(key, tensors, positives)
         self.positives[doc_id] = positives
         if self.monolithic:  # one atom: the whole document (a bank of one document per adapter, as D2L serves it)
@@ -155,15 +161,16 @@ class StudyCompiler:
             return DocumentAtoms(doc_id, [whole], {**tensors, "keys": keys.mean(0, keepdim=True)})
         return DocumentAtoms(doc_id, atoms, {**tensors, "keys": keys})
 
-    def _fit(self, text: str, atoms: list[AtomRecord], keys: torch.Tensor,
-             rank: int) -> tuple[dict[str, torch.Tensor], list[float]]:
-        """Study the document and fit its atoms: (shard tensors without keys, top weights of its questions)."""
+    def _fit(self, text: str, atoms: list[AtomRecord], keys: torch.Tensor, rank: int,
+             key: str) -> tuple[dict[str, torch.Tensor], list[float]]:
+        """Study the document and fit its atoms: (shard tensors without keys, top weights of its questions).
+        key: its cache key, which also picks its protection sample."""
         examples, questions = self._study(text, atoms)
         positives = self._route(examples, questions, keys, atoms)
         if self.monolithic:
             for example in examples:
                 example.atom, example.routed = 0, []
-        examples = self._protection_examples() + examples
+        examples = self._protection_examples(key) + examples
         start = time.perf_counter()
         shapes = {m: self.base.module_shape(m) for m in self.config.modules}
         result = fit_document(self.model, self.targets, 1 if self.monolithic else len(atoms), rank,
@@ -234,8 +241,10 @@ class StudyCompiler:
         ids[scored:, 0] = tokens[scored:]
         return Example(example.atom, example.prompt, tokens, ids, logprobs, example.routed)
 
-    def _protection_examples(self) -> list[Example]:
-        """Off-topic probes with the base model's own answers (computed once), a sample per document."""
+    def _protection_examples(self, key: str) -> list[Example]:
+        """Off-topic probes with the base model's own answers (computed once), a sample per document chosen by
+        its cache key: a document's fit does not depend on which documents came before it (in this process or
+        on another torchrun rank)."""
         n = self.config.protection
         if n <= 0:
             return []
@@ -251,12 +260,10 @@ class StudyCompiler:
                                       answer.topk_logprobs.float())
                     self._protection.append(self._then_stop(example) if answer.stopped else example)
             self.timings.teacher += time.perf_counter() - start
-        self._protection_round += 1
-        start = (self._protection_round * n) % max(len(self._protection), 1)
+        start = (int(key[:8], 16) * n) % max(len(self._protection), 1)
         return (self._protection * 2)[start : start + n]
 
     _protection: list[Example] | None = None
-    _protection_round = 0
 
     def _model_questions(self, text: str, subject: str, atoms: list[AtomRecord]) -> list[q.StudyQuestion]:
         n = self.config.model_questions
@@ -315,7 +322,7 @@ class StudyCompiler:
         return {**spec.__dict__, "router_head": None} == {**self.spec.__dict__, "router_head": None}
 
     def stats(self) -> dict:
-        stats = {"stage_seconds": self.timings.as_dict()}
+        stats = {"stage_seconds": self.timings.as_dict(), **self.device.describe()}
         if self.fit_losses:
             stats["fit_loss_first"] = round(float(np.mean([f for f, _ in self.fit_losses])), 4)
             stats["fit_loss_last"] = round(float(np.mean([last for _, last in self.fit_losses])), 4)
@@ -337,6 +344,10 @@ class StudyCompiler:
                     "reranker": None if reranker is None else reranker.sha256, **routing,
                     "config": asdict(self.config), "text": text,
                     "atoms": [(a.text, a.retrieval_text) for a in atoms]}
+        if self.device.dtype != "float32":  # float32 keys stay as they were: caches made before --dtype hold
+            identity["dtype"] = self.device.dtype
+        if getattr(self.model.config, "final_logit_softcapping", None):  # Gemma-2: fits made before the fit
+            identity["softcap"] = True  # applied the cap (training.student.output_logits) are not reused
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     def _load(self, key: str) -> tuple[dict[str, torch.Tensor], list[float]] | None:

@@ -24,6 +24,7 @@ from vllm_doc2atom.bank_interface import AtomRecord
 from vllm_doc2atom.files import atomic_file, atomic_write_text
 
 from ..atomize.rules import RuleAtomizer
+from ..device import DeviceConfig
 from ..inputs import InputError, model_folder, output_folder, require_file
 from .cross_document_probes import off_topic_probes
 from .labels import label_question
@@ -46,6 +47,8 @@ class BuildConfig:
     probes_per_document: int = 1  # off-topic questions per document
     teacher_model: str | None = None  # base model folder; None skips teacher targets
     teacher_backend: str = "auto"
+    teacher_device: str = "auto"  # transformers teacher's --device / --dtype (training.device): vLLM places
+    teacher_dtype: str = "auto"  # itself
     top_k: int = 16
     seed: int = 0
 
@@ -99,6 +102,7 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
     output_folder(config.out)
     if config.teacher_model:
         model_folder(config.teacher_model)
+        DeviceConfig.from_flags(config.teacher_device, config.teacher_dtype)
     start = time.perf_counter()
     corpus = load_corpus(config)
     loaded = time.perf_counter()
@@ -120,9 +124,10 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
     if config.teacher_model:
         from .teacher import TeacherConfig, build_teacher_targets
 
-        teacher = build_teacher_targets(questions, corpus.documents, config.out / "teacher",
-                                        TeacherConfig(model=config.teacher_model, top_k=config.top_k,
-                                                      backend=config.teacher_backend))
+        teacher_config = TeacherConfig(model=config.teacher_model, top_k=config.top_k,
+                                       backend=config.teacher_backend, device=config.teacher_device,
+                                       dtype=config.teacher_dtype)
+        teacher = build_teacher_targets(questions, corpus.documents, config.out / "teacher", teacher_config)
     all_atoms = [a for doc_atoms in atoms.values() for a in doc_atoms]
     manifest = {
         "format": "doc2atom-dataset", "format_version": 1,

@@ -6,7 +6,8 @@ per answer token, cached on disk with resume. Probes get the refusal message as 
 
 A part is written (atomically) before its index lines are appended, so an interrupted run resumes where
 it stopped and never reads half a part. vLLM's offline engine generates when it is installed; transformers
-otherwise.
+otherwise, on the device and in the dtype of `device` / `dtype` (`training.device`; vLLM takes an explicit
+dtype and places itself).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class TeacherConfig:
     chunk_size: int = 64  # questions per part file (the resume granularity)
     max_model_len: int = 4096
     refusal: str = DEFAULT_REFUSAL  # target answer of probes
+    device: str = "auto"  # transformers backend: auto, cpu, cuda or cuda:N (training.device)
+    dtype: str = "auto"  # auto, float32 or bfloat16 (vLLM: passed on unless auto)
 
 
 @dataclass
@@ -89,7 +92,7 @@ def build_teacher_targets(questions: Sequence[Question], documents: dict[str, Do
     seconds = time.perf_counter() - start
     stats = {"generated": generated, "refusal_targets": len(todo) - generated, "cached": len(done),
              "seconds": round(seconds, 2), "answers_per_second": round(generated / max(seconds, 1e-9), 3),
-             "answer_tokens": answer_tokens, "backend": generate.backend}
+             "answer_tokens": answer_tokens, "backend": generate.backend, **generate.placement}
     logger.info("teacher: %s", stats)
     return stats
 
@@ -113,10 +116,12 @@ def load_teacher_targets(out_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 class _Generator:
-    """prompts -> targets, with the backend's name and a close() that frees it (vLLM's engine processes)."""
+    """prompts -> targets, with the backend's name and a close() that frees it (vLLM's engine processes);
+    placement: where the transformers backend ran (device, dtype)."""
 
-    def __init__(self, backend: str, generate, close=lambda: None) -> None:
+    def __init__(self, backend: str, generate, close=lambda: None, placement: dict | None = None) -> None:
         self.backend, self._generate, self._close = backend, generate, close
+        self.placement = placement or {}
 
     def __call__(self, prompts: list[str]) -> list[TeacherTarget]:
         return self._generate(prompts)
@@ -142,8 +147,9 @@ def _vllm_generator(config: TeacherConfig):
     from vllm import LLM, SamplingParams
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    dtype = {} if config.dtype == "auto" else {"dtype": config.dtype}
     llm = LLM(model=config.model, max_model_len=config.max_model_len, gpu_memory_utilization=0.3, seed=0,
-              max_logprobs=config.top_k)
+              max_logprobs=config.top_k, **dtype)
     params = SamplingParams(temperature=0.0, max_tokens=config.max_new_tokens, logprobs=config.top_k)
 
     def generate(prompts: list[str]) -> list[TeacherTarget]:
@@ -162,25 +168,26 @@ def _vllm_generator(config: TeacherConfig):
 
 
 def _transformers_generator(config: TeacherConfig, tokenizer):
-    from transformers import AutoModelForCausalLM
+    from ..device import DeviceConfig
 
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).eval()
+    device = DeviceConfig.from_flags(config.device, config.dtype)
+    model = device.load_causal_lm(config.model)
 
     @torch.no_grad()
     def generate(prompts: list[str]) -> list[TeacherTarget]:
         results = []
         for prompt in prompts:
-            inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+            inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device.torch_device)
             out = model.generate(**inputs, max_new_tokens=config.max_new_tokens, do_sample=False,
                                  output_logits=True, return_dict_in_generate=True,
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
             tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
             logprobs = torch.log_softmax(torch.stack(out.logits)[:, 0].float(), dim=-1)  # [n, vocab]
-            top = logprobs.topk(config.top_k, dim=-1)
+            top = logprobs.topk(config.top_k, dim=-1)  # .tolist() below brings it to the CPU
             results.append(TeacherTarget(tokens, top.indices.tolist(), top.values.tolist()))
         return results
 
-    return _Generator("transformers", generate)
+    return _Generator("transformers", generate, placement=device.describe())
 
 
 # ---- storage ------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ class MethodRecipe:
     model: str | None = None  # study mode: the base model
     monolithic: bool = False  # study mode: one adapter per document (the Doc-to-LoRA baseline)
     reranker: str = "shipped"  # study mode: the reranker its banks are routed with ("none": stage 1 only)
+    device: str = "cpu"  # where the base model compiles (a resolved training.device.DeviceConfig's fields)
+    dtype: str = "float32"
 
 
 def artifact_name(method: str, document_id: str) -> str:
@@ -51,14 +53,16 @@ def compile_method(method: str, recipe: MethodRecipe, documents: dict[str, str],
     """Compile every document for one method under work_dir (banks/ or adapters/); return its costs."""
     from vllm_doc2atom.composer import compose, save_peft_adapter
 
-    from ..compile import AmortizedCompiler, RefineConfig, StudyCompiler, peak_memory_mb
+    from ..compile import AmortizedCompiler, DeviceConfig, RefineConfig, StudyCompiler, peak_memory_mb
 
+    device = DeviceConfig(recipe.device, recipe.dtype)
     if recipe.mode == "study":
         compiler = StudyCompiler(recipe.model, atomizer=recipe.atomizer, monolithic=recipe.monolithic,
-                                 reranker=recipe.reranker)
+                                 reranker=recipe.reranker, device=device)
     else:
+        refine = RefineConfig(recipe.refine_steps, recipe.refine_lr)
         compiler = AmortizedCompiler(recipe.checkpoint, mode=recipe.mode, atomizer=recipe.atomizer,
-                                     refine=RefineConfig(recipe.refine_steps, recipe.refine_lr))
+                                     refine=refine, device=device)
     seconds, sizes, dropped = [], [], 0
     for doc_id, text in documents.items():
         start = time.perf_counter()

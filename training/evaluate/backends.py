@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..data.teacher import teacher_messages
+from ..device import DeviceConfig
 from .artifacts import artifact_name, lora_name
 from .methods import METHODS, Artifact
 
@@ -92,18 +93,19 @@ class ServedBackend:
 
 
 class TransformersBackend:
-    """transformers + PEFT in this process: the router and composer of the plugin, an adapter per answer."""
+    """transformers + PEFT in this process: the router and composer of the plugin, an adapter per answer. The
+    base model runs on `device` (default: the CPU, float32); routing stays on the CPU, as served."""
 
     def __init__(self, model_dir: Path, work_dir: Path, max_tokens: int, max_lora_rank: int, top_k: int,
-                 threshold: float | None) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+                 threshold: float | None, device: DeviceConfig | None = None) -> None:
+        from transformers import AutoTokenizer
 
         from vllm_doc2atom.bank_store import BankStore
         from vllm_doc2atom.router import RouterConfig, RouterPool
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.device = device or DeviceConfig()
+        self.model = self.device.load_causal_lm(model_dir)
         self.work_dir, self.max_tokens, self.max_lora_rank = work_dir, max_tokens, max_lora_rank
         self.banks = BankStore(work_dir / "banks")
         self.routers = RouterPool(RouterConfig(top_k=top_k, threshold_override=threshold))
@@ -153,7 +155,7 @@ class TransformersBackend:
         from peft import PeftModel
 
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                 return_dict=True)["input_ids"]
+                                                 return_dict=True)["input_ids"].to(self.device.torch_device)
         model = PeftModel.from_pretrained(self.model, adapter) if adapter else self.model
         try:
             with torch.no_grad():

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..data.build import write_jsonl
 from ..data.records import ANSWERABLE, OFF_TOPIC, UNANSWERABLE
+from ..device import DeviceConfig
 from ..inputs import InputError, checkpoint_folder, dataset_folder, output_folder
 from ..models import DEFAULT_MODEL
 from ..thresholds import refusal_scores
@@ -47,6 +48,10 @@ class EvalConfig:
     refine_steps: int = 8  # doc2atom_optimize: refinement steps per atom
     refine_lr: float = 1e-3
     serve_args: list[str] = field(default_factory=list)  # extra `vllm serve` arguments, e.g. ["--dtype", "float32"]
+    # the base model of every compile and of the transformers backend (`training.device`): auto = the GPU in
+    # bfloat16 when torch sees one, else the CPU in float32; a served backend places its own
+    device: str = "auto"
+    dtype: str = "auto"
 
 
 @dataclass
@@ -84,8 +89,11 @@ def load_items(folder: str | Path, split: str, limit: int | None, seed: int) -> 
     return name, documents, items
 
 
-def recipes_for(config: EvalConfig, model_dir: Path) -> tuple[dict[str, MethodRecipe], dict[str, str]]:
-    """What to compile for each requested method, and why a method is skipped (a missing checkpoint)."""
+def recipes_for(config: EvalConfig, model_dir: Path,
+                device: DeviceConfig | None = None) -> tuple[dict[str, MethodRecipe], dict[str, str]]:
+    """What to compile for each requested method (on `device`), and why a method is skipped (a missing
+    checkpoint)."""
+    placed = {"device": (device or DeviceConfig()).device, "dtype": (device or DeviceConfig()).dtype}
     checkpoints = {"doc2atom": config.checkpoint, "doc2atom_optimize": config.checkpoint,
                    "d2l_atom": config.d2l_atom_checkpoint, "d2l_raw": config.d2l_raw_checkpoint}
     recipes, skipped = {}, {}
@@ -98,14 +106,14 @@ def recipes_for(config: EvalConfig, model_dir: Path) -> tuple[dict[str, MethodRe
         if entry.study:
             recipes[method] = MethodRecipe(None, mode="study", model=str(model_dir),
                                            monolithic=entry.artifact is Artifact.MONOLITHIC,
-                                           reranker="shipped" if entry.reranked else "none")
+                                           reranker="shipped" if entry.reranked else "none", **placed)
             continue
         if not checkpoints[method]:
             skipped[method] = "no checkpoint given"
             continue
         recipes[method] = MethodRecipe(checkpoints[method], mode="optimize" if method == "doc2atom_optimize"
                                        else "amortized", atomizer="chunks" if method == "d2l_raw" else "rules",
-                                       refine_steps=config.refine_steps, refine_lr=config.refine_lr)
+                                       refine_steps=config.refine_steps, refine_lr=config.refine_lr, **placed)
     return recipes, skipped
 
 
@@ -146,6 +154,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     from ..models import resolve_model
 
     out = output_folder(config.out)  # every input is checked before `out` is created
+    device = DeviceConfig.from_flags(config.device, config.dtype)
     datasets = [load_items(folder, config.split, config.limit, config.seed) for folder in config.data]
     documents = {doc_id: text for _, docs, _ in datasets for doc_id, text in docs.items()}
     items = [item for _, _, dataset_items in datasets for item in dataset_items]
@@ -153,7 +162,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
                                                   config.d2l_raw_checkpoint) if c]
     model_name = config.model or (_trained_on(checkpoints[0]) if checkpoints else DEFAULT_MODEL)
     model_dir = resolve_model(model_name)
-    recipes, skipped = recipes_for(config, model_dir)
+    recipes, skipped = recipes_for(config, model_dir, device)
     out.mkdir(parents=True, exist_ok=True)
     methods = [m for m in config.methods if m not in skipped]
     for method, why in skipped.items():
@@ -163,13 +172,13 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     # transformers+PEFT swaps adapters on one shared model: one question at a time
     concurrency = config.concurrency if config.backend == "served" else 1
-    with _backend(config, model_dir, out) as backend:
+    with _backend(config, model_dir, out, device) as backend:
         for method in methods:
             rows += _answer_all(backend, method, items, documents, concurrency)
     write_jsonl(out / "replies.jsonl", rows)
 
     results: dict[str, Any] = {"settings": {**asdict(config), "model_dir": model_dir.name},
-                               "skipped": skipped, "methods": {}}
+                               "device": device.describe(), "skipped": skipped, "methods": {}}
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         per_dataset = {name: summarize([r for r in mine if r["dataset"] == name]) for name, _, _ in datasets}
@@ -177,7 +186,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     return results
 
 
-def _backend(config: EvalConfig, model_dir: Path, work_dir: Path) -> Backend:
+def _backend(config: EvalConfig, model_dir: Path, work_dir: Path, device: DeviceConfig) -> Backend:
     from .backends import ServedBackend, TransformersBackend
 
     if config.backend == "served":
@@ -186,7 +195,7 @@ def _backend(config: EvalConfig, model_dir: Path, work_dir: Path) -> Backend:
                              ("--doc2atom-top-k", str(config.top_k), *threshold, *config.serve_args))
     if config.backend == "transformers":
         return TransformersBackend(model_dir, work_dir, config.max_tokens, config.max_lora_rank, config.top_k,
-                                   config.threshold)
+                                   config.threshold, device)
     raise ValueError(f"unknown backend {config.backend!r} (served or transformers)")
 
 

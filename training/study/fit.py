@@ -8,6 +8,9 @@ tokens. So each atom learns to carry its fact AND to stay out of the way of the 
 
 Only the adapted last layers run: the states entering the first adapted layer do not depend on the adapters, so
 they are computed once per example and cached (`vllm_doc2atom`'s targets are all in those layers).
+
+The fit runs where the model is (`training.device`); the factors and the optimizer's state are float32 there
+whatever the model's dtype (the LoRA hooks cast around them), and come back to the CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from vllm_doc2atom.bank_interface import Target
 from vllm_doc2atom.composer import stack_factors
 
 from .. import losses
-from ..student import LoRAHooks, run_last_layers
+from ..device import model_device
+from ..student import LoRAHooks, output_logits, run_last_layers
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ def states_entering(model: nn.Module, ids: torch.Tensor, layer: int) -> torch.Te
 
     handle = model.model.layers[layer].register_forward_pre_hook(stop, with_kwargs=True)
     try:
-        model(input_ids=ids)
+        model(input_ids=ids.to(model_device(model)))
     except _Reached:
         pass
     finally:
@@ -86,17 +90,21 @@ def states_entering(model: nn.Module, ids: torch.Tensor, layer: int) -> torch.Te
 
 
 class CachedStates:
-    """Hidden states entering `start_layer` for every example (right-padded), computed once."""
+    """Hidden states entering `start_layer` for every example (right-padded), computed once, kept on the
+    model's device in its dtype (float32 on the CPU)."""
 
-    def __init__(self, model: nn.Module, examples: Sequence[Example], start_layer: int, chunk: int = 16) -> None:
+    def __init__(self, model: nn.Module, examples: Sequence[Example], start_layer: int,
+                 chunk: int | None = None) -> None:
         self.lengths = [len(e.prompt) + len(e.answer) for e in examples]
         width = max(self.lengths)
+        if chunk is None:
+            chunk = _state_chunk(model, width)
         parts = []
         with torch.no_grad():
             for i in range(0, len(examples), chunk):
                 rows = [e.prompt + e.answer.tolist() for e in examples[i : i + chunk]]
                 ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-                parts.append(states_entering(model, ids, start_layer).float())
+                parts.append(states_entering(model, ids, start_layer))
         self.states = torch.cat(parts)  # [E, T, H]
 
     def batch(self, rows: Sequence[int]) -> torch.Tensor:
@@ -104,14 +112,32 @@ class CachedStates:
         return self.states[list(rows), :width]
 
 
+def _state_chunk(model: nn.Module, width: int) -> int:
+    """Examples per forward pass when caching states: 16 on the CPU; on a GPU what fits (one layer's
+    activations at a time: residual and attention projections, the MLP's, the attention scores)."""
+    from ..device import DeviceConfig
+
+    device = model_device(model)
+    if device.type != "cuda":
+        return 16
+    c = model.config
+    per_token = c.hidden_size * 4 + c.intermediate_size * 3 + c.num_attention_heads * width
+    return DeviceConfig(str(device)).rows_that_fit(16, width * per_token * model.dtype.itemsize, max_rows=256)
+
+
+Factors = dict[Target, torch.Tensor]
+
+
 def init_factors(targets: Sequence[Target], n_atoms: int, rank: int, shapes: dict[str, tuple[int, int]],
-                 generator: torch.Generator) -> tuple[dict[Target, torch.Tensor], dict[Target, torch.Tensor]]:
-    """LoRA's usual start: A small random, B zero, so every atom starts as a no-op."""
+                 generator: torch.Generator, device: torch.device | None = None) -> tuple[Factors, Factors]:
+    """LoRA's usual start: A small random, B zero, so every atom starts as a no-op. Drawn on the CPU (the same
+    start on every device), float32, then moved to `device`."""
     a, b = {}, {}
     for t in targets:
         d_in, d_out = shapes[t.module]
-        a[t] = (torch.randn(n_atoms, rank, d_in, generator=generator) / math.sqrt(d_in)).requires_grad_(True)
-        b[t] = torch.zeros(n_atoms, d_out, rank).requires_grad_(True)
+        start = torch.randn(n_atoms, rank, d_in, generator=generator) / math.sqrt(d_in)
+        a[t] = start.to(device or start.device).requires_grad_(True)
+        b[t] = torch.zeros(n_atoms, d_out, rank, device=device).requires_grad_(True)
     return a, b
 
 
@@ -156,9 +182,10 @@ def fit_document(model: nn.Module, targets: Sequence[Target], n_atoms: int, rank
                  hooks: LoRAHooks | None = None) -> FitResult:
     """Fit n_atoms micro-LoRAs on the examples (every atom's questions, composed as served)."""
     generator = torch.Generator().manual_seed(config.seed)
-    a, b = init_factors(targets, n_atoms, rank, shapes, generator)
+    device = model_device(model)
+    a, b = init_factors(targets, n_atoms, rank, shapes, generator, device)
     if not examples:
-        return FitResult({t: x.detach() for t, x in a.items()}, {t: x.detach() for t, x in b.items()}, 0.0, 0.0)
+        return FitResult(_to_cpu(a), _to_cpu(b), 0.0, 0.0)
     start_layer = min(t.layer for t in targets)
     states = CachedStates(model, examples, start_layer)
     own_hooks = hooks is None
@@ -167,22 +194,23 @@ def fit_document(model: nn.Module, targets: Sequence[Target], n_atoms: int, rank
     sampler = CompositionSampler(n_atoms, config)
     batches = length_batches(states.lengths, config.batch_size, random.Random(config.seed))
     losses_seen = []
-    head = model.get_output_embeddings()
     try:
         for _ in range(fit_steps(config, len(examples))):
             rows = next(batches)
             batch = [examples[r] for r in rows]
-            atoms, weights = sampler.batch(batch)
+            atoms, weights = (x.to(device) for x in sampler.batch(batch))
             factors = {t: stack_factors(a[t][atoms], b[t][atoms], weights * scaling) for t in targets}
             with hooks.active(factors):
                 hidden = run_last_layers(model, states.batch(rows), start_layer)  # [b, T, H]
-            sample, position = _answer_positions(batch)
-            logits = head(hidden[sample, position])  # [n, V]
-            answer = torch.cat([e.answer for e in batch])
+            sample, position = (x.to(device) for x in _answer_positions(batch))
+            # [n, V]; the losses in float32 on every dtype
+            logits = output_logits(model, hidden[sample, position]).float()
+            answer = torch.cat([e.answer for e in batch]).to(device)
             loss = config.ce_weight * losses.answer_ce(logits, answer)
             if config.kl_weight:
-                loss = loss + config.kl_weight * losses.teacher_kl(
-                    logits, torch.cat([e.topk_ids for e in batch]), torch.cat([e.topk_logprobs for e in batch]))
+                topk_ids = torch.cat([e.topk_ids for e in batch]).to(device)
+                topk_logprobs = torch.cat([e.topk_logprobs for e in batch]).to(device)
+                loss = loss + config.kl_weight * losses.teacher_kl(logits, topk_ids, topk_logprobs)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -191,8 +219,11 @@ def fit_document(model: nn.Module, targets: Sequence[Target], n_atoms: int, rank
         if own_hooks:
             hooks.remove()
     logger.debug("fit: loss %.3f -> %.3f over %d steps", losses_seen[0], losses_seen[-1], len(losses_seen))
-    return FitResult({t: x.detach() for t, x in a.items()}, {t: x.detach() for t, x in b.items()},
-                     losses_seen[0], losses_seen[-1])
+    return FitResult(_to_cpu(a), _to_cpu(b), losses_seen[0], losses_seen[-1])
+
+
+def _to_cpu(factors: Factors) -> Factors:
+    return {t: x.detach().cpu() for t, x in factors.items()}
 
 
 def fit_steps(config: FitConfig, examples: int) -> int:

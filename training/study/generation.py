@@ -4,6 +4,8 @@ Self-study asks the base model many short things about ONE document (questions a
 the document in context). Every prompt starts with the same document, so its key/value cache is computed once
 and repeated over the batch; each row then adds its own suffix (left-padded, so all rows end together) and is
 decoded step by step. On a 2-core CPU this makes the teacher ~5x cheaper than running each full prompt.
+
+It runs where the model is (`training.device`); what it returns is on the CPU.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from ..device import DeviceConfig, model_device
 
 
 @dataclass
@@ -57,14 +61,21 @@ def end_of_turn_id(tokenizer) -> int:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int, top_k: int = 0,
-             temperature: float = 0.0, seed: int = 0, batch_size: int = 32) -> list[Generated]:
+             temperature: float = 0.0, seed: int = 0, batch_size: int | None = None) -> list[Generated]:
     """Greedy (temperature 0) or sampled continuations of token-id prompts, with the top-k log-probabilities
-    of each step when top_k > 0. Prompts that share a prefix (the document) read it once."""
+    of each step when top_k > 0. Prompts that share a prefix (the document) read it once. batch_size: prompts
+    decoded together (default: 32 on the CPU, what fits in half the free memory of a GPU)."""
     if not prompts:
         return []
+    device = model_device(model)
     prefix, suffixes = split_common_prefix(prompts)
-    prefix_cache = model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values if prefix else None
-    generator = torch.Generator().manual_seed(seed)
+    prefix_cache = (model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+                    if prefix else None)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    if batch_size is None:
+        row = _bytes_per_row(model.config, len(prefix), max(map(len, suffixes)), max_new_tokens,
+                             model.dtype.itemsize)
+        batch_size = DeviceConfig(str(device)).rows_that_fit(32, row)
     results: list[Generated] = []
     for start in range(0, len(suffixes), batch_size):
         results += _decode(model, tokenizer, len(prefix), prefix_cache, suffixes[start : start + batch_size],
@@ -72,15 +83,31 @@ def generate(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int
     return results
 
 
+def _bytes_per_row(config, prefix: int, width: int, new_tokens: int, itemsize: int) -> float:
+    """A rough upper bound of one decoded row's memory: its copy of the key/value cache at full length, the
+    first step's logits over every suffix position, the attention scores of one layer."""
+    config = getattr(config, "text_config", config)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    length = prefix + width + new_tokens
+    cache = 2 * config.num_hidden_layers * kv_heads * head_dim * length
+    logits = width * config.vocab_size
+    return float(itemsize * (cache + logits + heads * width * length) + 4 * config.vocab_size)
+
+
 def _decode(model, tokenizer, prefix_len: int, prefix_cache, suffixes: list[list[int]], max_new_tokens: int,
             top_k: int, temperature: float, generator: torch.Generator) -> list[Generated]:
     b, width = len(suffixes), max(len(s) for s in suffixes)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes])
-    mask = torch.tensor([[1] * prefix_len + [0] * (width - len(s)) + [1] * len(s) for s in suffixes])
-    lengths = torch.tensor([len(s) for s in suffixes])
+    device = generator.device
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes], device=device)
+    mask = torch.tensor([[1] * prefix_len + [0] * (width - len(s)) + [1] * len(s) for s in suffixes],
+                        device=device)
+    lengths = torch.tensor([len(s) for s in suffixes], device=device)
     # real tokens of a row continue the prefix's positions; pads get any position (they are masked out)
-    positions = (prefix_len + torch.arange(width)[None] - (width - lengths)[:, None]).clamp(min=prefix_len)
+    positions = (prefix_len + torch.arange(width, device=device)[None]
+                 - (width - lengths)[:, None]).clamp(min=prefix_len)
     cache = None
     if prefix_cache is not None:
         cache = copy.deepcopy(prefix_cache)
@@ -101,21 +128,24 @@ def _decode(model, tokenizer, prefix_len: int, prefix_cache, suffixes: list[list
         else:
             chosen = logprobs.argmax(-1)
         top = logprobs.topk(top_k, dim=-1) if top_k > 0 else None
+        # one transfer per step, not one per row (on the CPU these are the same tensors)
+        picked = chosen.tolist()
+        best_ids, best_logprobs = (top.indices.cpu(), top.values.cpu()) if top is not None else (None, None)
         for row in range(b):
             if done[row]:
                 continue
-            token = int(chosen[row])
+            token = picked[row]
             if token in stops:
                 done[row] = stopped[row] = True
                 continue
             tokens[row].append(token)
             if top is not None:
-                top_ids[row].append(top.indices[row])
-                top_logprobs[row].append(top.values[row])
+                top_ids[row].append(best_ids[row])
+                top_logprobs[row].append(best_logprobs[row])
         if bool(done.all()):
             break
         ids = chosen[:, None]
-        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1)
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
         positions = next_position[:, None]
         next_position = next_position + 1
     return [Generated(t, torch.stack(i) if i else torch.zeros(0, top_k, dtype=torch.long),
