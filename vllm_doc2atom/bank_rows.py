@@ -141,7 +141,32 @@ class RowRuns:
         return np.concatenate(parts)
 
 
-class LazyAtoms(Sequence[AtomRecord]):
+class RecordSequence(Sequence[AtomRecord]):
+    """A read-only Sequence of atom records that finds one record by row (`_at`): indexing, negative indices,
+    slices and the IndexError are the same for a bank's lazy records and a union's chained ones."""
+
+    what = "bank"  # for the IndexError's message
+
+    def _at(self, row: int) -> AtomRecord:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> AtomRecord: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[AtomRecord]: ...
+
+    def __getitem__(self, index: int | slice) -> AtomRecord | list[AtomRecord]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        row = int(index)
+        row = row + len(self) if row < 0 else row
+        if not 0 <= row < len(self):
+            raise IndexError(f"atom index {index} outside {self.what} of {len(self)} atoms")
+        return self._at(row)
+
+
+class LazyAtoms(RecordSequence):
     """A v2 bank's atom records: a read-only Sequence that parses a record when it is accessed (a small LRU
     cache keeps the recently routed ones). Each record must name its row's document and hash to the id the
     segment recorded, or it is a BankError."""
@@ -157,20 +182,7 @@ class LazyAtoms(Sequence[AtomRecord]):
     def __len__(self) -> int:
         return int(self._runs.starts[-1])
 
-    @overload
-    def __getitem__(self, index: int) -> AtomRecord: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[AtomRecord]: ...
-
-    def __getitem__(self, index: int | slice) -> AtomRecord | list[AtomRecord]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        row = int(index)
-        if row < 0:
-            row += len(self)
-        if not 0 <= row < len(self):
-            raise IndexError(f"atom index {index} outside bank of {len(self)} atoms")
+    def _at(self, row: int) -> AtomRecord:
         with self._lock:
             atom = self._cache.get(row)
             if atom is not None:

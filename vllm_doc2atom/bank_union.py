@@ -15,12 +15,13 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .bank import AtomBank
 from .bank_interface import AtomRecord, BankSpec, Target
+from .bank_rows import RecordSequence
 from .errors import BankError, BankErrorKind
 from .key_index import ChainedKeys, KeySource
 from .router_head import RouterHead
@@ -139,8 +140,10 @@ class BankUnion:
         return [folder for bank in self.banks for folder in bank.reranker_folders()]
 
 
-class _Chained(Sequence[AtomRecord]):
+class _Chained(RecordSequence):
     """Sequences one after another, read-only."""
+
+    what = "bank union"
 
     def __init__(self, parts: Sequence[Sequence[AtomRecord]]) -> None:
         self._parts = list(parts)
@@ -149,18 +152,7 @@ class _Chained(Sequence[AtomRecord]):
     def __len__(self) -> int:
         return self._starts[-1]
 
-    @overload
-    def __getitem__(self, index: int) -> AtomRecord: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[AtomRecord]: ...
-
-    def __getitem__(self, index: int | slice) -> AtomRecord | list[AtomRecord]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        row = index + len(self) if index < 0 else index
-        if not 0 <= row < len(self):
-            raise IndexError(f"atom index {index} outside bank union of {len(self)} atoms")
+    def _at(self, row: int) -> AtomRecord:
         part = bisect.bisect_right(self._starts, row) - 1
         return self._parts[part][row - self._starts[part]]
 
