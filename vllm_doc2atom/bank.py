@@ -12,6 +12,8 @@
       segments/<sha256[:16]>.safetensors   what one commit wrote for routing (bank_segments.py):
                                     keys [n, key_dim], gates [n, T], record offsets, atom-id hashes
       segments/<sha256[:16]>.jsonl         its atom records, one AtomRecord JSON object per line
+      index/<sha256[:16]>.safetensors      optional: the stage-1 IVF index of a bank of more than 50k atoms,
+                                    stored at every commit so that a server need not build it (bank_index.py)
       query_projection.safetensors  optional `projection` [d_text, key_dim] of a trained query encoder
       reranker/                     optional: the bank's own copy of a reranker that doc2atom does not ship
 
@@ -43,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import bank_writer
+from . import bank_index, bank_writer
 from .bank_interface import AtomRecord, BankSpec, DocumentAtoms, Target
 from .bank_manifest import (
     FORMAT_NAME,
@@ -59,7 +61,7 @@ from .bank_v1 import read_v1
 from .errors import BankError, BankErrorKind
 from .files import atomic_directory, make_readable
 from .fingerprint import BaseModelFingerprint
-from .key_index import ArrayKeys, KeySource
+from .key_index import ArrayKeys, KeyIndex, KeyIndexConfig, KeySource
 from .shard_files import SHARDS_DIR, StatKey, check_tensors, read_checked, shard_name, stat_key, stat_or_none
 
 if TYPE_CHECKING:
@@ -83,7 +85,8 @@ class AtomBank:
                  doc_starts: np.ndarray, atoms: Sequence[AtomRecord], gates: np.ndarray,
                  keys: np.ndarray | None = None, shard_names: list[str] | None = None,
                  shard_stats: dict[int, StatKey | None] | None = None, segments: list[Segment] | None = None,
-                 table: DocumentTable | None = None, verified: bool = True) -> None:
+                 table: DocumentTable | None = None, verified: bool = True,
+                 stored_index: bank_index.StoredIndexInfo | None = None) -> None:
         self.path = path
         self.name = name  # how messages name the bank (a server: the request's)
         self.spec = spec
@@ -101,6 +104,7 @@ class AtomBank:
         self._table = table
         self._verified = verified
         self._manifest_stat = manifest_stat  # None: unknown, so any missing file counts as a manifest change
+        self.stored_index = stored_index  # v2: the manifest's stored stage-1 index, if any
 
     def __len__(self) -> int:
         return int(self._doc_starts[-1])
@@ -124,6 +128,19 @@ class AtomBank:
         if self.format_version == 1 or self._keys is not None:
             return ArrayKeys(self.keys)
         return SegmentKeys(self._segments, self._table.runs(), self.spec.key_dim)  # type: ignore[union-attr]
+
+    def stored_key_index(self, config: KeyIndexConfig) -> KeyIndex | None:
+        """The stage-1 index stored with the bank, when `config` would build that very index over its rows
+        (else None: build one). Raises BankError kind "invalid" for a damaged or unreadable index file
+        ("stale" when it is gone because the bank changed)."""
+        info = self.stored_index
+        if info is None or info.rows != len(self):
+            return None
+        prefix = f"bank {self.name!r}: "
+        try:
+            return bank_index.read_index(self.path, info, self.key_source(), config, prefix)
+        except OSError as exc:
+            raise file_error(self.path, self._manifest_stat, prefix, f"index {info.name}", exc) from exc
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -200,8 +217,10 @@ class AtomBank:
         atoms = LazyAtoms(segments, runs, table.ids, starts)
         if len(runs):
             _check_unique_ids(runs.gather([s.id_hashes for s in segments]), atoms)
+        index = manifest.get("index")
+        stored = None if index is None else bank_index.StoredIndexInfo.from_dict(index)
         return cls(path, spec, doc_ids=table.ids, shard_shas=table.shards, doc_starts=starts, atoms=atoms,
-                   gates=gates, segments=segments, table=table, **common)
+                   gates=gates, segments=segments, table=table, stored_index=stored, **common)
 
     def factors(self, indices: Sequence[int]) -> dict[Target, tuple[torch.Tensor, torch.Tensor]]:
         """Micro-LoRA factors of the given atoms: target -> (A [k, r, in], B [k, out, r]), float32.
@@ -377,7 +396,8 @@ class AtomBank:
                 shutil.copytree(reranker, tmp / RERANKER_FOLDER)
             written = bank_writer.write_documents(tmp, spec, documents)
             segments, table = bank_writer.merge([], DocumentTable.empty(), written)
-            write_manifest(tmp, spec, segments, table)
+            index = bank_writer.write_stored_index(tmp, spec, segments, table)
+            write_manifest(tmp, spec, segments, table, index)
         logger.info("wrote atom bank %s", path)
         return cls.load(path)
 

@@ -16,6 +16,7 @@ from .files import atomic_write_text
 from .shard_files import StatKey, stat_key, stat_or_none
 
 if TYPE_CHECKING:
+    from .bank_index import StoredIndexInfo
     from .bank_interface import BankSpec
     from .bank_rows import DocumentTable
     from .bank_segments import SegmentInfo
@@ -51,14 +52,17 @@ def read_manifest(bank: Path) -> tuple[dict[str, Any], str, StatKey]:
     return manifest, hashlib.sha256(raw).hexdigest(), stat
 
 
-def write_manifest(bank: Path, spec: BankSpec, segments: Sequence[SegmentInfo], table: DocumentTable) -> None:
-    """The v2 manifest: spec, segments, and the documents as a table of columns (no atom records)."""
+def write_manifest(bank: Path, spec: BankSpec, segments: Sequence[SegmentInfo], table: DocumentTable,
+                   index: StoredIndexInfo | None = None) -> None:
+    """The v2 manifest: spec, segments, the documents as a table of columns (no atom records) and the stored
+    stage-1 index, if any (bank_index.py)."""
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "spec": spec.to_dict(),
         "segments": [s.to_dict() for s in segments],
         "documents": table.to_manifest(),
+        **({} if index is None else {"index": index.to_dict()}),
     }
     atomic_write_text(bank / MANIFEST_NAME, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 

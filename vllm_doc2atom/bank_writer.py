@@ -15,9 +15,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from . import bank_index
+from .bank_index import StoredIndexInfo
 from .bank_interface import AtomRecord, BankSpec, DocumentAtoms
 from .bank_manifest import FORMAT_VERSION, file_error, write_manifest
-from .bank_rows import DocumentTable
+from .bank_rows import DocumentTable, SegmentKeys
 from .bank_segment_writer import SegmentWriter
 from .bank_segments import Segment, SegmentInfo
 from .errors import BankError, BankErrorKind
@@ -37,6 +39,7 @@ class AtomBank(Protocol):
     verified: bool
     table: DocumentTable | None
     segments: list[Segment]
+    stored_index: StoredIndexInfo | None
     shard_shas: list[str]
     document_ids: list[str]
     keys: np.ndarray
@@ -128,6 +131,30 @@ def delete_unreferenced(bank: Path, old_segments: Iterable[SegmentInfo], old_sha
         (bank / shard_name(sha)).unlink(missing_ok=True)
 
 
+def write_stored_index(bank: Path, spec: BankSpec, segments: Sequence[SegmentInfo], table: DocumentTable,
+                       opened: Sequence[Segment] = ()) -> StoredIndexInfo | None:
+    """Before a manifest swap: store the stage-1 index of the bank as it will be, if it has more live rows
+    than an exact index holds (bank_index.py); its keys are read from the segments (`opened`: those open
+    already)."""
+    if int(np.sum(table.atoms)) <= bank_index.CONFIG.exact_max:
+        return None
+    prefix = f"bank {bank.name!r}: "
+
+    def errors(label: str, exc: OSError) -> BankError:
+        return file_error(bank, None, prefix, label, exc)
+
+    known = {s.info.sha256: s for s in opened}
+    live = [known.get(info.sha256) or Segment.open(bank, info, spec.key_dim, len(spec.targets), False, prefix,
+                                                   errors) for info in segments]
+    return bank_index.write_index(bank, SegmentKeys(live, table.runs(), spec.key_dim))
+
+
+def delete_old_index(bank: Path, old: StoredIndexInfo | None, new: StoredIndexInfo | None) -> None:
+    """After the manifest swap: the index the old manifest listed, unless the new one lists it too."""
+    if old is not None and (new is None or new.sha256 != old.sha256):
+        (bank / old.name).unlink(missing_ok=True)
+
+
 # ---- AtomBank's edits ----------------------------------------------------------------------------------
 
 
@@ -185,7 +212,9 @@ def upgrade(bank: AtomBank) -> AtomBank:
             shutil.copyfile(bank.path / old, tmp)
     table = DocumentTable(bank.document_ids, list(shas), np.zeros(len(shas), np.int64),
                           np.asarray(rows, np.int64), np.diff(starts).astype(np.int64))
-    write_manifest(bank.path, bank.spec, [info] if info is not None else [], table)
+    segments = [info] if info is not None else []
+    index = write_stored_index(bank.path, bank.spec, segments, table)
+    write_manifest(bank.path, bank.spec, segments, table, index)
     for old, _ in renamed:
         (bank.path / old).unlink(missing_ok=True)
     logger.info("upgraded bank %s to format v%d (%d atoms)", bank.name, FORMAT_VERSION, len(bank))
@@ -236,6 +265,8 @@ def _check_new_atom_ids(current: AtomBank, kept: DocumentTable, written: Written
 
 def _commit(bank: AtomBank, current: AtomBank, segments: list[SegmentInfo], table: DocumentTable,
             trusted: dict[str, StatKey]) -> AtomBank:
-    write_manifest(bank.path, bank.spec, segments, table)
+    index = write_stored_index(bank.path, bank.spec, segments, table, current.segments)
+    write_manifest(bank.path, bank.spec, segments, table, index)
     delete_unreferenced(bank.path, [s.info for s in current.segments], current.shard_shas, segments, table)
+    delete_old_index(bank.path, current.stored_index, index)
     return type(bank).load(bank.path, name=bank.name, trusted=trusted)

@@ -4,14 +4,15 @@ Small banks get an exact flat index. Above `exact_max` keys an inverted-file ind
 `nprobe` of its ~sqrt(N) lists; it stores each key as 8-bit scalar-quantised codes (a quarter of float32: a
 million 384-d keys take 0.4 GB, not 1.5 GB) and re-scores its `rescore`·k best candidates exactly with their
 float32 keys, read back from the bank, so the similarities it returns are exact cosines. The index is built
-from the keys in blocks: a bank's keys never need to sit in memory whole.
+from the keys in blocks: a bank's keys never need to sit in memory whole. An IVF index can be serialised and
+rebuilt from those bytes (a bank stores one: bank_index.py), so that a server need not build it again.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +21,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 BLOCK_ROWS = 1 << 16  # keys normalised and added per step while building
+STORED_FORMAT = "doc2atom-key-index"  # names a serialised IVF index's metadata
 
 
 @dataclass
@@ -89,6 +91,24 @@ class ChainedKeys:
         return out
 
 
+def nlist_for(size: int) -> int:
+    """IVF lists for `size` keys: ~sqrt(N) balances list scans against centroid comparisons."""
+    return max(1, int(math.sqrt(size)))
+
+
+def stored_meta(config: KeyIndexConfig, rows: int, dim: int) -> dict[str, str]:
+    """What a serialised IVF index records of how it was built (safetensors metadata: strings only)."""
+    # what shapes the index; nprobe and rescore are search settings, applied to whichever index is loaded
+    fields = {"rows": rows, "dim": dim, "storage": config.storage, "nlist": nlist_for(rows), "seed": config.seed,
+              "train_points_per_list": config.train_points_per_list}
+    return {"format": STORED_FORMAT, **{k: str(v) for k, v in fields.items()}}
+
+
+def stored_matches(meta: Mapping[str, str], config: KeyIndexConfig, rows: int, dim: int) -> bool:
+    """Would `config` build this very index over `rows` keys? (It must also choose IVF at that size.)"""
+    return rows > config.exact_max and dict(meta) == stored_meta(config, rows, dim)
+
+
 def normalize(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation (cosine similarity becomes inner product); zero rows stay zero."""
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -117,8 +137,36 @@ class KeyIndex:
         if self._index.ntotal != self.size:
             raise ValueError(f"key source yielded {self._index.ntotal} keys, expected {self.size}")
 
+    @classmethod
+    def deserialize(cls, data: np.ndarray, meta: Mapping[str, str], source: KeySource,
+                    config: KeyIndexConfig) -> KeyIndex:
+        """An IVF index from `serialize`'s bytes, re-scoring with `source`. Raises ValueError unless `meta` is
+        what `config` would have built over `source` (`stored_matches` says so without the bytes)."""
+        import faiss
+
+        if not stored_matches(meta, config, len(source), source.dim):
+            raise ValueError(f"stored index {dict(meta)} was not built with {config} over {len(source)} keys")
+        index = cls.__new__(cls)
+        index.config, index.size, index.dim, index.exact = config, len(source), source.dim, False
+        index._index = faiss.deserialize_index(np.ascontiguousarray(data, np.uint8))
+        if index._index.ntotal != index.size or index._index.d != index.dim:
+            raise ValueError(f"stored index holds {index._index.ntotal} {index._index.d}-d keys, expected "
+                             f"{index.size} {index.dim}-d")
+        index._index.nprobe = min(config.nprobe, nlist_for(index.size))
+        index._source = source if config.rescore > 0 else None
+        return index
+
+    def serialize(self) -> tuple[np.ndarray, dict[str, str]]:
+        """(the faiss index as uint8 bytes, metadata naming what built it). Only an IVF index: an exact one is
+        its keys, rebuilt as fast as it would be read."""
+        import faiss
+
+        if self.exact:
+            raise ValueError("an exact index is not stored")
+        return faiss.serialize_index(self._index), stored_meta(self.config, self.size, self.dim)
+
     def _ivf(self, faiss, source: KeySource):  # noqa: ANN001, ANN202 (faiss has no type hints)
-        nlist = max(1, int(math.sqrt(self.size)))
+        nlist = nlist_for(self.size)
         quantizer = faiss.IndexFlatIP(self.dim)
         storage = self.config.storage
         if storage == "flat":

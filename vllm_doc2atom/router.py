@@ -98,14 +98,26 @@ class Router:
     def index_for(self, bank: RoutableBank) -> KeyIndex:
         index = self._indexes.get(bank.fingerprint)
         if index is None:
-            # A bank that can read its keys in blocks (AtomBank, BankUnion) never holds them all in memory.
-            source = bank.key_source() if hasattr(bank, "key_source") else bank.keys
-            index = KeyIndex(source, self.config.index)
+            index = self._stored_index(bank) or self._build_index(bank)
             self._indexes[bank.fingerprint] = index
             while len(self._indexes) > self.config.index_cache_size:
                 self._indexes.popitem(last=False)
         self._indexes.move_to_end(bank.fingerprint)
         return index
+
+    def _stored_index(self, bank: RoutableBank) -> KeyIndex | None:
+        """A v2 AtomBank's stored index, when it is the one this config would build (a BankUnion has none: its
+        rows are its members', so no member's index serves it)."""
+        stored = getattr(bank, "stored_key_index", None)
+        index = stored(self.config.index) if stored is not None else None
+        if index is not None:
+            logger.info("bank %s: loaded its stored index (%d keys)", bank.name, index.size)
+        return index
+
+    def _build_index(self, bank: RoutableBank) -> KeyIndex:
+        # A bank that can read its keys in blocks (AtomBank, BankUnion) never holds them all in memory.
+        source = bank.key_source() if hasattr(bank, "key_source") else bank.keys
+        return KeyIndex(source, self.config.index)
 
     def _check_key_space(self, bank: RoutableBank) -> None:
         spec = bank.spec
