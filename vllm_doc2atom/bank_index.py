@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .bank_segments import is_sha256
 from .errors import BankError
 from .files import atomic_file
 from .key_index import KeyIndex, KeyIndexConfig, KeySource, stored_matches
@@ -46,8 +47,7 @@ class StoredIndexInfo:
     @classmethod
     def from_dict(cls, entry: Any) -> StoredIndexInfo:
         sha, rows = (entry.get("sha256"), entry.get("rows")) if isinstance(entry, dict) else (None, None)
-        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)) \
-                or type(rows) is not int or rows < 0:
+        if not is_sha256(sha) or type(rows) is not int or rows < 0:
             raise BankError("manifest.json: 'index' must be {\"sha256\": <64 hex digits>, \"rows\": <count>}")
         return cls(sha, rows)
 
