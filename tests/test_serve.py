@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -209,6 +212,18 @@ def test_vllm_matches_transformers_peft_with_the_composed_adapter(client, model,
     assert (base_logprobs[picked] - vllm_logprobs).abs().max() > 1e-2  # and the adapter did matter
 
 
+@contextmanager
+def paused(pids: list[int]):
+    """Stop processes (SIGSTOP) for the block: a stopped API server cannot accept, so the other one must."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
 @pytest.fixture(scope="module")
 def shared_server(tiny_model_dir, bank_root, tmp_path_factory):
     """Two API server processes sharing one engine; refusals fall back to the base model; small rank budget."""
@@ -241,23 +256,27 @@ def test_banks_written_after_start_reach_every_api_server(shared_server, bank_ro
     every API server process without a restart."""
     from .untrained_bank import build_untrained_bank, default_spec, untrained_documents
 
-    client = openai.OpenAI(base_url=shared_server["url"] + "/v1", api_key="none", max_retries=0, timeout=120)
-    model = client.models.list().data[0].id
+    model = openai.OpenAI(base_url=shared_server["url"] + "/v1", api_key="none").models.list().data[0].id
     documents = {p.stem: p.read_text() for p in EXAMPLE_DOCS.glob("*.md")}
     late_doc = "brightwater_observatory"
     spec = default_spec(tiny_model_dir, encoder, modules=("q_proj", "v_proj", "down_proj"), last_layers=2)
     question = "Which comet did astronomers at Brightwater discover?"
+    servers = dict(re.findall(r"\((ApiServer_\d+) pid=(\d+)\)", shared_server["log"].read_text()))
+    assert len(servers) == 2, servers
 
     def documents_routed(atoms: int) -> list[set[str]]:
-        """Ask on fresh connections until both API server processes have loaded the bank as it now is."""
+        """Ask each API server process in turn; the kernel hands the connection to the only one not paused."""
         routed = []
-        for _ in range(32):  # connections are spread over the processes by the kernel: almost surely both
-            reply = ask(client.with_options(default_headers={"Connection": "close"}), model, question, bank="late")
+        for name, pid in servers.items():
+            with paused([int(other) for other in servers.values() if other != pid]):
+                client = openai.OpenAI(base_url=shared_server["url"] + "/v1", api_key="none", max_retries=0,
+                                       timeout=60)  # a fresh connection pool: no connection to a paused process
+                reply = ask(client, model, question, bank="late")
+                client.close()
             routed.append({a["document_id"] for a in reply.parse().model_extra["doc2atom"]["atoms"]})
-            pattern = rf"\((\w+) pid=\d+\).*loaded bank late \({atoms} atoms\)"
-            if len(set(re.findall(pattern, shared_server["log"].read_text()))) == 2:
-                return routed
-        raise AssertionError(f"the bank of {atoms} atoms was not loaded by both API server processes")
+            pattern = rf"\({name} pid={pid}\).*loaded bank late \({atoms} atoms\)"
+            assert re.search(pattern, shared_server["log"].read_text()), f"{name} did not load the bank of {atoms}"
+        return routed
 
     try:
         build_untrained_bank(bank_root / "late", spec, {k: v for k, v in documents.items() if k != late_doc},
