@@ -116,6 +116,27 @@ def test_deeply_nested_json_is_a_400(server, client, model):
     _healthy(client, model)
 
 
+@pytest.mark.parametrize("path,fields", [
+    ("/v1/chat/completions", {"prompt_logprobs": 0}),
+    ("/v1/chat/completions", {"echo": True}),  # vLLM scores an echoed prompt with top_logprobs (default 0)
+    ("/v1/chat/completions", {"prompt_logprobs": 1, "atom_bank": "docs"}),
+    ("/v1/completions", {"echo": True, "logprobs": 0}),
+])
+def test_prompt_logprobs_on_a_cpu_server_are_a_400_not_a_dead_engine(server, client, model, path, fields):
+    body = _chat(model, QUESTION, **fields)
+    if path == "/v1/completions":
+        body = {"model": model, "prompt": QUESTION, "max_tokens": 4, **fields}
+    response = _post(server, path, body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt_logprobs"
+    assert "CPU" in response.json()["error"]["message"]
+    _healthy(client, model)
+
+
+def test_echo_without_log_probs_still_reaches_vllm(server, model):
+    reply = _post(server, "/v1/completions", {"model": model, "prompt": QUESTION, "max_tokens": 2, "echo": True})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["text"].startswith(QUESTION)
+
+
 # ---- authentication exactly as vLLM does it --------------------------------------------------------------
 
 

@@ -48,6 +48,9 @@ COMPOSED_NAME = re.compile(r"d2a-[0-9a-f]{24}")
 # The router reads at most this much of a question: a sentence encoder truncates far earlier, and a
 # multi-megabyte question must not cost seconds of CPU before vLLM's own length check answers it.
 MAX_ROUTED_CHARS = 4096
+PROMPT_LOGPROBS_ON_CPU = ("log-probs of the prompt (`prompt_logprobs`, or `echo` with log-probs) are not available "
+                          "from this CPU server: vLLM's CPU LoRA kernels fail on them, and doc2atom serves with "
+                          "LoRA on; ask for the generated tokens' `logprobs` instead")
 
 
 @dataclass
@@ -90,9 +93,14 @@ class Doc2AtomMiddleware:
         if isinstance(model, str) and COMPOSED_NAME.fullmatch(model):
             message = f"The model `{model}` does not exist."  # vLLM's words for an unknown model
             return await send_body(send, 404, error_body(message, 404, "model"))
+        kind = ROUTED_PATHS.get(path)
+        if kind is not None and ("prompt_logprobs" in payload or "echo" in payload):  # any request: LoRA is on
+            from .vllm_checks import scores_prompt_on_cpu
+
+            if scores_prompt_on_cpu(scope, kind, payload):
+                return await send_body(send, 400, error_body(PROMPT_LOGPROBS_ON_CPU, 400, "prompt_logprobs"))
         if not any(field in payload for field in PLUGIN_FIELDS):
             return await self.app(scope, replay(body, receive), send)
-        kind = ROUTED_PATHS.get(path)
         if kind is None:
             message = (f"`atom_bank` is not served on {path[:100]}; send it to "
                        + ", ".join(ROUTED_PATHS) + " (nothing was answered from the bank)")

@@ -54,6 +54,26 @@ async def vllm_rejection(scope: Scope, kind: str, payload: dict[str, Any]) -> An
     return None
 
 
+def scores_prompt_on_cpu(scope: Scope, kind: str, payload: dict[str, Any]) -> bool:
+    """Whether this request asks for log-probs over its prompt (`prompt_logprobs`, or `echo` with log-probs)
+    from a CPU engine. The plugin always serves with LoRA on, and vLLM's CPU LoRA logits layer maps one adapter
+    per sequence, not per prompt token: such a request kills the engine (seen with vLLM 0.32)."""
+    if kind not in ("chat", "completion") or not ("prompt_logprobs" in payload or "echo" in payload):
+        return False
+    from starlette.requests import Request
+
+    try:
+        parsed = _parse(Request(scope), kind, payload)
+    except Exception:  # noqa: BLE001 - vLLM answers its own validation error
+        return False
+    echoed = parsed.top_logprobs if kind == "chat" else parsed.logprobs  # what vLLM scores the prompt with
+    if parsed.prompt_logprobs is None and not (parsed.echo and echoed is not None):
+        return False
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def _parse(request: Any, kind: str, payload: dict[str, Any]) -> Any:
     from fastapi.exceptions import RequestValidationError
 
