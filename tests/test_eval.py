@@ -116,6 +116,13 @@ def test_eval_in_process_scores_every_method_and_writes_table_json_and_chart(tmp
     # Routed answers are really composed: a non-refused doc2atom reply used atoms.
     routed = [r for r in replies if r["method"] == "doc2atom" and not r["flagged_refusal"]]
     assert all(r["atoms"] > 0 for r in routed)
+    # The gold answer's NLL: for every answerable question a method did not refuse, averaged in the summary.
+    for method, entry in results["methods"].items():
+        nll = [r["gold_nll"] for r in replies if r["method"] == method and r["kind"] == "answerable"
+               and not r["flagged_refusal"]]
+        assert nll and all(0 < x < 30 for x in nll)
+        assert entry["overall"]["gold_nll"] == pytest.approx(sum(nll) / len(nll), abs=1e-3)
+    assert "| gold NLL |" in table
 
 
 def test_eval_served_path_matches_in_process_answers(tmp_path, eval_setup):
@@ -133,6 +140,19 @@ def test_eval_served_path_matches_in_process_answers(tmp_path, eval_setup):
         assert row["atoms"] == local_rows[key]["atoms"], key
     same = sum(row["reply"] == local_rows[key]["reply"] for key, row in served_rows.items())
     assert same >= 0.9 * len(served_rows)  # greedy near-ties may flip a token on different kernels
+    # the gold answer's NLL is scored in process after either backend: the same numbers
+    scored = [(row["gold_nll"], local_rows[key]["gold_nll"]) for key, row in served_rows.items()
+              if row.get("gold_nll") is not None]
+    assert scored and all(abs(a - b) < 1e-4 for a, b in scored), scored
+
+
+def test_answer_tail_counts_the_tokens_that_spell_the_answer():
+    from training.evaluate.backends import answer_tail
+
+    assert answer_tail(["<|im_start|>", "assistant", "\n", "17", "87"], "1787") == 2
+    assert answer_tail(["user", ":", " Mount", " Ke", "lder"], " Mount Kelder ") == 3
+    with pytest.raises(ValueError, match="does not end with"):
+        answer_tail(["a", "b"], "zebra")
 
 
 def test_recipes_carry_the_compile_settings_of_each_method():

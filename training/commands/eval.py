@@ -47,6 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--refine-steps", type=int, default=8, help="doc2atom_optimize: refinement steps per atom")
     p.add_argument("--refine-lr", type=float, default=1e-3,
                    help="doc2atom_optimize: refinement learning rate")
+    p.add_argument("--no-gold-nll", dest="gold_nll", action="store_false",
+                   help="skip the gold answer's NLL per answerable question (teacher-forced through each "
+                        "method in process with transformers+PEFT, after the answers)")
     p.add_argument("--serve-args", default="", help='extra `vllm serve` arguments, e.g. "--dtype float32"')
     add_device_flags(p, "the base model of the compiles and of --backend transformers (vllm serve places "
                         "its own)")
@@ -69,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
                         limit=args.limit, max_tokens=args.max_tokens, max_lora_rank=args.max_lora_rank,
                         concurrency=args.concurrency, top_k=args.top_k, threshold=args.threshold,
                         seed=args.seed, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
-                        serve_args=serve_args, device=args.device, dtype=args.dtype)
+                        serve_args=serve_args, device=args.device, dtype=args.dtype,
+                        gold_nll=args.gold_nll)
     results = run_eval(config)
     print(write_report(results, Path(args.out)))
     print(f"\n{args.out}/results.json, results.md, results.png, replies.jsonl")

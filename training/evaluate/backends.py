@@ -8,6 +8,7 @@ import json
 import logging
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +38,21 @@ def messages_for(method: str, document: str, question: str) -> list[dict[str, st
     if METHODS[method].evidence:
         return [teacher_messages(document, question)[0], {"role": "user", "content": question}]
     return [{"role": "user", "content": question}]
+
+
+def answer_tail(decoded: list[str], answer: str) -> int:
+    """How many of a prompt's last tokens spell `answer` (the prompt ends with it): the fewest whose text
+    holds it."""
+    target, tail = answer.strip(), ""
+    for n, token in enumerate(reversed(decoded), start=1):
+        tail = token + tail
+        if target in tail:
+            return n
+    raise ValueError(f"the prompt does not end with the answer {answer!r}")
+
+
+def mean_nll(logprobs: list[float]) -> float:
+    return -sum(logprobs) / len(logprobs)
 
 
 class Backend(Protocol):
@@ -75,13 +91,17 @@ class ServedBackend:
     def __exit__(self, *exc) -> None:
         self._server.__exit__(*exc)
 
-    def answer(self, method: str, document_id: str, document: str, question: str) -> Reply:
-        model, extra = self.base_model, {}
+    def _target(self, method: str, document_id: str) -> tuple[str, dict]:
+        """The served model name and the request's extra body for `method`."""
         entry = METHODS[method]
         if entry.artifact is Artifact.ROUTED:
-            extra = {"atom_bank": artifact_name(method, document_id), "atom_evidence": entry.evidence}
-        elif entry.artifact is Artifact.MONOLITHIC:
-            model = lora_name(method, document_id)
+            return self.base_model, {"atom_bank": artifact_name(method, document_id), "atom_evidence": entry.evidence}
+        if entry.artifact is Artifact.MONOLITHIC:
+            return lora_name(method, document_id), {}
+        return self.base_model, {}
+
+    def answer(self, method: str, document_id: str, document: str, question: str) -> Reply:
+        model, extra = self._target(method, document_id)
         start = time.perf_counter()
         reply = self.client.chat.completions.create(
             model=model, messages=messages_for(method, document, question), max_tokens=self.max_tokens,
@@ -119,8 +139,9 @@ class TransformersBackend:
 
         shutil.rmtree(self.scratch, ignore_errors=True)
 
-    def answer(self, method: str, document_id: str, document: str, question: str) -> Reply:
-        start = time.perf_counter()
+    def _prepare(self, method: str, document_id: str, document: str,
+                 question: str) -> tuple[Path | None, list[dict[str, str]], int] | None:
+        """(the adapter, the messages, atoms composed) that serve `question` by `method`; None: refused."""
         adapter, atoms, evidence = None, 0, []
         entry = METHODS[method]
         if entry.artifact is Artifact.ROUTED:
@@ -129,9 +150,7 @@ class TransformersBackend:
             bank = self.banks.get(artifact_name(method, document_id))
             result = self.routers.route(bank, question)
             if result.refused:
-                from vllm_doc2atom.settings import DEFAULT_REFUSAL
-
-                return Reply(DEFAULT_REFUSAL, True, time.perf_counter() - start)
+                return None
             if entry.evidence == "only":  # the base model reads the routed atoms: no adapter
                 atoms, evidence = len(result.kept), [r.atom.text for r in result.kept]
             else:
@@ -147,21 +166,58 @@ class TransformersBackend:
             from vllm_doc2atom.openai_io import with_evidence
 
             messages = with_evidence("chat", {"messages": messages}, evidence)["messages"]
+        return adapter, messages, atoms
+
+    def answer(self, method: str, document_id: str, document: str, question: str) -> Reply:
+        start = time.perf_counter()
+        prepared = self._prepare(method, document_id, document, question)
+        if prepared is None:
+            from vllm_doc2atom.settings import DEFAULT_REFUSAL
+
+            return Reply(DEFAULT_REFUSAL, True, time.perf_counter() - start)
+        adapter, messages, atoms = prepared
         text, prompt_tokens = self._generate(messages, adapter)
         return Reply(text, False, time.perf_counter() - start, atoms, prompt_tokens)
 
+    def gold_nll(self, method: str, document_id: str, document: str, question: str, gold: str) -> float | None:
+        """Mean negative log-likelihood per token of `gold` as the whole reply, teacher-forced through the
+        method (its routing, adapter and prompt, as `answer`); None when the method refuses the question."""
+        import torch
+
+        prepared = self._prepare(method, document_id, document, question)
+        if prepared is None:
+            return None
+        adapter, messages, _ = prepared
+        ids = self.tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": gold}],
+                                                 continue_final_message=True, return_tensors="pt",
+                                                 return_dict=True)["input_ids"].to(self.device.torch_device)
+        with self._adapted(adapter) as model, torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        targets = ids[0, 1:]
+        scored = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        n = answer_tail([self.tokenizer.decode([t]) for t in targets.tolist()], gold)
+        return mean_nll(scored[-n:])
+
+    @contextmanager
+    def _adapted(self, adapter: Path | None):
+        """The base model with `adapter` loaded for the block, then the plain base model again."""
+        from peft import PeftModel
+
+        if adapter is None:
+            yield self.model
+            return
+        model = PeftModel.from_pretrained(self.model, adapter)
+        try:
+            yield model
+        finally:
+            model.unload()
+
     def _generate(self, messages: list[dict[str, str]], adapter: Path | None) -> tuple[str, int]:
         import torch
-        from peft import PeftModel
 
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                  return_dict=True)["input_ids"].to(self.device.torch_device)
-        model = PeftModel.from_pretrained(self.model, adapter) if adapter else self.model
-        try:
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, max_new_tokens=self.max_tokens, do_sample=False,
-                                     pad_token_id=self.tokenizer.eos_token_id)
-        finally:
-            if adapter:
-                model.unload()  # back to the plain base model for the next answer
+        with self._adapted(adapter) as model, torch.no_grad():
+            out = model.generate(input_ids=ids, max_new_tokens=self.max_tokens, do_sample=False,
+                                 pad_token_id=self.tokenizer.eos_token_id)
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), ids.shape[1]

@@ -7,7 +7,7 @@ import json
 import logging
 import statistics
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,10 @@ class EvalConfig:
     # bfloat16 when torch sees one, else the CPU in float32; a served backend places its own
     device: str = "auto"
     dtype: str = "auto"
+    # per answerable question: the mean NLL of its first gold answer as the reply, teacher-forced through the
+    # method in process (vLLM's CPU LoRA kernels cannot score a prompt): smoother than containment, it shows
+    # knowledge too weak to be generated
+    gold_nll: bool = True
 
 
 @dataclass
@@ -134,12 +138,14 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     # The off-topic probes alone (SQuAD v2's unanswerable questions are on-topic: only the model can decline them)
     off_topic = refusal_scores((r["kind"] == OFF_TOPIC, r["refused"]) for r in rows if r["kind"] != UNANSWERABLE)
     called = [r["seconds"] for r in rows if not r["flagged_refusal"]]
+    nll = [r["gold_nll"] for r in answerable if r.get("gold_nll") is not None]
 
     def mean(key: str) -> float | None:
         return round(100 * statistics.fmean(r[key] for r in answerable), 2) if answerable else None
 
     return {"questions": len(rows), "answerable": len(answerable), "f1": mean("f1"), "em": mean("em"),
-            "contains": mean("contains"), "refusal_precision": round(100 * refusal.precision, 2),
+            "contains": mean("contains"), "gold_nll": round(statistics.fmean(nll), 3) if nll else None,
+            "gold_nll_questions": len(nll), "refusal_precision": round(100 * refusal.precision, 2),
             "refusal_recall": round(100 * refusal.recall, 2), "refusal_f1": round(100 * refusal.f1, 2),
             "should_refuse": refusal.should_refuse, "refused": refusal.refused,
             "off_topic_refusal_f1": round(100 * off_topic.f1, 2),
@@ -175,6 +181,9 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     with _backend(config, model_dir, out, device) as backend:
         for method in methods:
             rows += _answer_all(backend, method, items, documents, concurrency)
+    if config.gold_nll:
+        with _backend(replace(config, backend="transformers"), model_dir, out, device) as scorer:
+            _score_gold_nll(scorer, rows, documents)
     write_jsonl(out / "replies.jsonl", rows)
 
     results: dict[str, Any] = {"settings": {**asdict(config), "model_dir": model_dir.name},
@@ -207,6 +216,14 @@ def _answer_all(backend: Backend, method: str, items: list[Item], documents: dic
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         return list(tqdm(pool.map(one, items), total=len(items), desc=f"eval {method}", unit="q"))
+
+
+def _score_gold_nll(scorer: Any, rows: list[dict[str, Any]], documents: dict[str, str]) -> None:
+    """Each answerable row's `gold_nll` (None where the method refuses the question)."""
+    for row in tqdm([r for r in rows if r["kind"] == ANSWERABLE and r["answers"]], desc="gold answer NLL",
+                    unit="q"):
+        row["gold_nll"] = scorer.gold_nll(row["method"], row["document_id"], documents[row["document_id"]],
+                                          row["question"], row["answers"][0])
 
 
 def _trained_on(checkpoint: str | Path) -> str:

@@ -8,8 +8,8 @@ from typing import Any
 
 from vllm_doc2atom.files import atomic_file, atomic_write_text
 
-COLUMNS = [("F1", "f1"), ("EM", "em"), ("contains", "contains"), ("refusal P", "refusal_precision"),
-           ("refusal R", "refusal_recall"), ("refusal F1", "refusal_f1"),
+COLUMNS = [("F1", "f1"), ("EM", "em"), ("contains", "contains"), ("gold NLL", "gold_nll"),
+           ("refusal P", "refusal_precision"), ("refusal R", "refusal_recall"), ("refusal F1", "refusal_f1"),
            ("off-topic refusal F1", "off_topic_refusal_f1"), ("answerable refused", "answerable_refused"),
            ("latency p50 s", "latency_median_s"),
            ("prompt tokens", "prompt_tokens_mean")]
