@@ -51,10 +51,6 @@ def answer_tail(decoded: list[str], answer: str) -> int:
     raise ValueError(f"the prompt does not end with the answer {answer!r}")
 
 
-def mean_nll(logprobs: list[float]) -> float:
-    return -sum(logprobs) / len(logprobs)
-
-
 class Backend(Protocol):
     def answer(self, method: str, document_id: str, document: str, question: str) -> Reply: ...
 
@@ -91,17 +87,13 @@ class ServedBackend:
     def __exit__(self, *exc) -> None:
         self._server.__exit__(*exc)
 
-    def _target(self, method: str, document_id: str) -> tuple[str, dict]:
-        """The served model name and the request's extra body for `method`."""
+    def answer(self, method: str, document_id: str, document: str, question: str) -> Reply:
+        model, extra = self.base_model, {}
         entry = METHODS[method]
         if entry.artifact is Artifact.ROUTED:
-            return self.base_model, {"atom_bank": artifact_name(method, document_id), "atom_evidence": entry.evidence}
-        if entry.artifact is Artifact.MONOLITHIC:
-            return lora_name(method, document_id), {}
-        return self.base_model, {}
-
-    def answer(self, method: str, document_id: str, document: str, question: str) -> Reply:
-        model, extra = self._target(method, document_id)
+            extra = {"atom_bank": artifact_name(method, document_id), "atom_evidence": entry.evidence}
+        elif entry.artifact is Artifact.MONOLITHIC:
+            model = lora_name(method, document_id)
         start = time.perf_counter()
         reply = self.client.chat.completions.create(
             model=model, messages=messages_for(method, document, question), max_tokens=self.max_tokens,
@@ -196,7 +188,7 @@ class TransformersBackend:
         targets = ids[0, 1:]
         scored = logprobs.gather(1, targets[:, None])[:, 0].tolist()
         n = answer_tail([self.tokenizer.decode([t]) for t in targets.tolist()], gold)
-        return mean_nll(scored[-n:])
+        return -sum(scored[-n:]) / n
 
     @contextmanager
     def _adapted(self, adapter: Path | None):
