@@ -126,3 +126,34 @@ def test_rerank_gap_keeps_the_best_atom_alone_unless_others_are_close(reranked_b
     with pytest.raises(BankError, match="rerank_gap"):
         RouterHead.from_dict({"rerank_gap": -1})
 
+
+
+def test_the_reranker_reads_the_rest_of_the_candidates_only_when_unsure():
+    from vllm_doc2atom.bank_interface import AtomRecord
+    from vllm_doc2atom.router import weigh_candidates
+
+    atoms = [AtomRecord(id=f"d#{i}", document_id="d", type="fact_claim", text=f"atom {i}", span=(0, 6))
+             for i in range(8)]
+    hits = [(i, 0.9 - 0.05 * i) for i in range(8)]  # stage 1's order
+    logits = {"sure": [0.5, 3.0, -1.0, 0.0, 9.0, 9.0, 9.0, 9.0], "unsure": [0.5, 1.0, -1.0, 0.0, 4.0, 0, 0, 0]}
+    head = RouterHead(sim_scale=0.0, rerank_first=4, rerank_sure=2.0)
+    for case, expected_reads in (("sure", [4]), ("unsure", [4, 4])):
+        reads = []
+
+        def reranker(question, texts, case=case, reads=reads):
+            start = sum(reads)
+            reads.append(len(texts))
+            return np.asarray(logits[case][start : start + len(texts)])
+
+        candidates = weigh_candidates("q", hits, atoms, head, reranker, stage2=True)
+        assert reads == expected_reads
+        assert len(candidates) == sum(expected_reads)  # an atom the reranker did not read is no candidate
+        assert candidates[0].index == (1 if case == "sure" else 4)
+    reads = []
+    weigh_candidates("q", hits, atoms, RouterHead(sim_scale=0.0), lambda q, t: reads.append(len(t)) or np.zeros(len(t)),
+                     stage2=True)
+    assert reads == [8]  # a head without rerank_first (banks compiled before it): all at once, as before
+    assert RouterHead.from_dict({"rerank_first": 4, "rerank_sure": 2}).rerank_sure == 2.0
+    for bad in ({"rerank_first": 0}, {"rerank_first": 2.5}, {"rerank_sure": "high"}):
+        with pytest.raises(BankError, match=next(iter(bad))):
+            RouterHead.from_dict(bad)

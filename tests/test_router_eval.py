@@ -118,6 +118,15 @@ def test_reranker_reorders_only_the_first_stages_top_k():
     assert np.argsort(-scorer.scores("q", [3, 2])).tolist() == [0, 1]
 
 
+def test_reranker_reads_the_rest_only_when_none_of_the_first_is_sure():
+    texts = ["a much longer text", "mid text", "a long text", "tiny"]
+    base = _Constant([0.9, 0.8, 0.7, 0.6])
+    sure = RerankedScorer(base, _Shortest(), texts, top_k=4, first=2, sure=-10.0)  # "mid text" scores -8
+    assert np.argsort(-sure.scores("q")).tolist() == [1, 0, 2, 3] and sorted(sure.last) == [0, 1]
+    unsure = RerankedScorer(base, _Shortest(), texts, top_k=4, first=2, sure=-5.0)
+    assert np.argsort(-unsure.scores("q")).tolist() == [3, 1, 2, 0] and sorted(unsure.last) == [0, 1, 2, 3]
+
+
 def test_kept_by_gap_keeps_the_best_and_those_near_it():
     logits = {0: 1.0, 3: 4.0, 5: 3.5, 6: -2.0}
     assert kept_by_gap(logits, frozenset({0}), 0.0, 3) == (False, 1)  # only atom 3

@@ -155,11 +155,18 @@ class Router:
 def weigh_candidates(query: str, hits: Sequence[tuple[int, float]], atoms: Sequence[AtomRecord],
                      head: RouterHead, reranker: Reranker | None = None, text_kind: str = "text",
                      stage2: bool = False) -> list[RoutedAtom]:
-    """Stage-1 hits (row, cosine) -> candidates weighed by the head (with the reranker's scores when there is
-    one), highest weight first."""
+    """Stage-1 hits (row, cosine), best first -> candidates weighed by the head (with the reranker's scores when
+    there is one: read in two steps when the head has `rerank_first`), highest weight first."""
     rerank: list[float | None] = [None] * len(hits)
     if reranker is not None and hits:
-        rerank = [float(x) for x in reranker(query, [rerank_text(atoms[r], text_kind) for r, _ in hits])]
+        def read(part: Sequence[tuple[int, float]]) -> list[float | None]:
+            return [float(x) for x in reranker(query, [rerank_text(atoms[r], text_kind) for r, _ in part])]
+
+        first, sure = head.rerank_first or len(hits), head.rerank_sure
+        rerank = read(hits[:first])
+        if len(hits) > first and (sure is None or max(rerank) < sure):
+            rerank += read(hits[first:])
+        hits = hits[: len(rerank)]  # a candidate the reranker did not read is no candidate
     candidates = [RoutedAtom(r, atoms[r], s, rr, head.weight(s, atoms[r], rr, stage2))
                   for (r, s), rr in zip(hits, rerank)]
     candidates.sort(key=lambda c: c.weight, reverse=True)

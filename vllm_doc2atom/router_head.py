@@ -53,6 +53,11 @@ class RouterHead:
     # Stage 2: drop atoms whose rerank score is more than this below the best kept atom's (the best atom is
     # kept alone unless the reranker finds others nearly as likely to hold the answer: multi-hop questions).
     rerank_gap: float | None = None
+    # Stage 2 in two steps: the reranker reads the stage-1 best `rerank_first` candidates, and the others only
+    # when none of those scores `rerank_sure` or more (most questions find their atom among the first few, and
+    # reading fewer is faster). Unset: it reads every candidate at once.
+    rerank_first: int | None = None
+    rerank_sure: float | None = None
 
     def weight(self, similarity: float, atom: AtomMetadata | None, rerank: float | None, stage2: bool) -> float:
         logit = self.sim_scale * (similarity - self.sim_center)
@@ -79,7 +84,7 @@ class RouterHead:
             problem = _HEAD_FIELDS[name](value)
             if problem:
                 raise BankError(f"malformed router head: {name} must be {problem}, got {_short(value)}")
-            values[name] = _number(value) if name not in ("metadata", "max_atoms") else value
+            values[name] = _number(value) if name not in ("metadata", "max_atoms", "rerank_first") else value
         return cls(**values)
 
 
@@ -115,6 +120,10 @@ def _max_gap(value: Any) -> str | None:
     return None if value is None or (_is_number(value) and value >= 0) else "a non-negative number or null"
 
 
+def _optional_float(value: Any) -> str | None:
+    return None if value is None or _is_number(value) else "a finite number or null"
+
+
 def _max_atoms(value: Any) -> str | None:
     ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
     return None if ok else "a positive integer or null"
@@ -126,7 +135,7 @@ _HEAD_FIELDS: dict[str, Callable[[Any], str | None]] = {
     "rerank_center": _float_field, "rerank_gap": _max_gap,
     "type_bias": _type_bias, "answer_bearing_bias": _float_field, "confidence_scale": _float_field,
     "metadata": _bool_field, "threshold": _threshold, "max_atoms": _max_atoms, "max_gap": _max_gap,
-    "same_document": _bool_field,
+    "same_document": _bool_field, "rerank_first": _max_atoms, "rerank_sure": _optional_float,
 }
 
 

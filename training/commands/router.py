@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_eval_parser(router: argparse._SubParsersAction) -> None:
-    from ..router.evaluate import METHODS, TEXT_KINDS
+    from ..router.evaluate import METHODS, RERANK_FIRST, RERANK_SURE, TEXT_KINDS
 
     p = router.add_parser(
         "eval", help="rank atoms for held-out questions: recall@1/3/8 and MRR per routing method",
@@ -38,6 +38,10 @@ def add_eval_parser(router: argparse._SubParsersAction) -> None:
                    help="the atom text the reranker and its MiniLM first stage read (default: the one it was "
                         "trained on, else titled)")
     p.add_argument("--rerank-top-k", type=int, default=8, help="MiniLM candidates the reranker re-orders")
+    p.add_argument("--rerank-first", type=int, default=RERANK_FIRST,
+                   help="as banks are routed: the reranker reads this many of them first, the others only when "
+                        "none scores --rerank-sure (0: all at once)")
+    p.add_argument("--rerank-sure", type=float, default=RERANK_SURE, help="see --rerank-first (logits)")
     p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(func=run_eval)
 
@@ -98,6 +102,7 @@ def run_eval(args: argparse.Namespace) -> int:
         dataset_folder(folder)  # a missing folder is reported before the reranker loads
     reranker = open_reranker(args.reranker) if args.reranker else None
     config = RouterEvalConfig(data=args.data, split=args.split, methods=methods, rerank_top_k=args.rerank_top_k,
+                              rerank_first=args.rerank_first or None, rerank_sure=args.rerank_sure,
                               rerank_text=args.reranker_text or (reranker.text_kind if reranker else "titled"),
                               reranker_folder=args.reranker)
     results = evaluate_routing(config, reranker)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from vllm_doc2atom.encoders import QueryEncoder
 from vllm_doc2atom.files import atomic_write_text
 
+from ..compile.study_routing import RERANK_FIRST, RERANK_SURE
 from ..inputs import InputError
 from .examples import RoutingExample, SplitBank, load_examples, load_split
 from .routing_text import routing_text
@@ -40,6 +41,10 @@ class RouterEvalConfig:
     methods: tuple[str, ...] = tuple(METHODS)
     cutoffs: tuple[int, ...] = (1, 3, 8)  # recall@k: a gold atom within the first k
     rerank_top_k: int = 8  # the reranker re-orders this many of MiniLM's best
+    # read in two steps, as banks are compiled: the best `rerank_first`, the rest only when none of those
+    # scores `rerank_sure` (None: all at once)
+    rerank_first: int | None = RERANK_FIRST
+    rerank_sure: float | None = RERANK_SURE
     rerank_text: str = "titled"  # the text kind the reranker (and its MiniLM first stage) reads
     reranker_folder: str | None = None  # recorded in the results
     # the atoms a reranked bank keeps (within the question's document): the best, and others within each gap
@@ -56,6 +61,8 @@ class MethodResult:
     index_seconds: float  # encoding or indexing the bank's atoms once
     # reranker only, per rerank gap: share of questions with a gold atom among the kept, mean atoms kept
     kept: dict[str, dict[str, float]] | None = None
+    # reranker only: the share of questions for which it read only its first candidates (bank-wide)
+    sure_after_first: float | None = None
 
 
 @dataclass
@@ -116,12 +123,13 @@ def evaluate_loaded(folder: str, bank: SplitBank, examples: list[RoutingExample]
         first = scorers.get(f"minilm_{config.rerank_text}")
         keys = first.keys if isinstance(first, MiniLMScorer) else encoder.encode(texts[config.rerank_text])
         scorers["reranker"] = RerankedScorer(MiniLMScorer(encoder, keys), reranker, texts[config.rerank_text],
-                                             config.rerank_top_k)
+                                             config.rerank_top_k, config.rerank_first, config.rerank_sure)
         index_seconds["reranker"] = index_seconds.get(f"minilm_{config.rerank_text}",
                                                       time.perf_counter() - start)
     ranks: dict[str, dict[str, list[int]]] = {method: {scope: [] for scope in SCOPES} for method in scorers}
     kept: dict[float, list[tuple[bool, int]]] = {gap: [] for gap in config.kept_gaps}  # (gold kept, kept)
     seconds = dict.fromkeys(scorers, 0.0)
+    sure: list[bool] = []
     name = dataset_name(folder)
     for example in tqdm(examples, desc=f"router eval {name}", unit="question"):
         rows = bank.rows[example.document_id]
@@ -132,6 +140,8 @@ def evaluate_loaded(folder: str, bank: SplitBank, examples: list[RoutingExample]
             scores = scorer.scores(example.question)  # the whole bank first: it pays the question's encoding
             seconds[method] += time.perf_counter() - start
             ranks[method]["bank"].append(first_gold_rank(scores, gold))
+            if isinstance(scorer, RerankedScorer):
+                sure.append(len(scorer.last) < min(scorer.top_k, len(scores)))
             within = scorer.scores(example.question, rows)
             ranks[method]["document"].append(first_gold_rank(within, gold[rows.start : rows.stop]))
             if isinstance(scorer, RerankedScorer):
@@ -146,7 +156,8 @@ def evaluate_loaded(folder: str, bank: SplitBank, examples: list[RoutingExample]
             index_seconds=round(index_seconds[method], 3),
             kept={str(gap): {"gold_kept": float(np.mean([g for g, _ in pairs])),
                              "mean_kept": float(np.mean([n for _, n in pairs]))} for gap, pairs in kept.items()}
-            if method == "reranker" else None)
+            if method == "reranker" else None,
+            sure_after_first=float(np.mean(sure)) if method == "reranker" and sure else None)
     return result
 
 
@@ -194,10 +205,13 @@ def format_table(results: list[DatasetResult], split: str) -> str:
             lines.append(f"{result.name[:20]:<20} {method:<14} {result.questions:>5} |           {doc} |"
                          f"            {bank} | {r.seconds_per_question:7.4f}")
     for result in results:
-        kept = result.methods["reranker"].kept if "reranker" in result.methods else None
-        for gap, k in (kept or {}).items():
+        reranker = result.methods.get("reranker")
+        for gap, k in ((reranker.kept if reranker else None) or {}).items():
             lines.append(f"{result.name[:20]:<20} reranker keeps (gap {gap}): gold kept {k['gold_kept']:.3f}, "
                          f"{k['mean_kept']:.2f} atoms")
+        if reranker and reranker.sure_after_first is not None:
+            lines.append(f"{result.name[:20]:<20} reranker sure after its first candidates: "
+                         f"{reranker.sure_after_first:.3f} of the questions")
     counts = "; ".join(f"{r.name}: {r.documents} documents, {r.atoms} atoms" for r in results)
     return "\n".join(lines + [f"split {split}; {counts}"])
 

@@ -67,20 +67,29 @@ class BM25Scorer:
 
 class RerankedScorer:
     """The base scorer's top `top_k` rows re-ordered by a reranker reading (question, text); the rest keep the
-    base order below them."""
+    base order below them. With `first`, as the server does: the reranker reads the best `first` of them, and
+    the others only when none of those scores `sure` or more (unread rows keep the base order too)."""
 
-    def __init__(self, base: Scorer, reranker: RerankerModel, texts: list[str], top_k: int = 8) -> None:
+    def __init__(self, base: Scorer, reranker: RerankerModel, texts: list[str], top_k: int = 8,
+                 first: int | None = None, sure: float | None = None) -> None:
         self.base, self.reranker, self.texts, self.top_k = base, reranker, texts, top_k
+        self.first, self.sure = first, sure
         self.last: dict[int, float] = {}  # the last call's reranked positions (in `rows`) -> reranker logit
 
     def scores(self, question: str, rows: Rows = None) -> np.ndarray:
         base = self.base.scores(question, rows)
         rows = range(len(self.texts)) if rows is None else rows
         top = np.argsort(-base, kind="stable")[: self.top_k]
-        texts = [self.texts[rows[i]] for i in top]
-        reranked = np.asarray(self.reranker.score(question, texts), dtype=np.float64)
+        first = self.first or len(top)
+        reranked = self._read(question, [rows[i] for i in top[:first]])
+        if len(top) > first and (self.sure is None or reranked.max() < self.sure):
+            reranked = np.concatenate([reranked, self._read(question, [rows[i] for i in top[first:]])])
+        top = top[: len(reranked)]
         self.last = {int(i): float(x) for i, x in zip(top, reranked)}
         out = base.astype(np.float64)
         order = top[np.argsort(-reranked, kind="stable")]
         out[order] = out.max() + 1.0 + np.arange(len(order), 0, -1)  # above every other row, in reranked order
         return out
+
+    def _read(self, question: str, rows: list[int]) -> np.ndarray:
+        return np.asarray(self.reranker.score(question, [self.texts[r] for r in rows]), dtype=np.float64)
