@@ -31,6 +31,7 @@ from vllm_doc2atom.router import RoutedAtom, keep_atoms, weigh_candidates
 from vllm_doc2atom.router_head import DEFAULT_THRESHOLD, RouterHead
 
 from ..inputs import InputError, require_folder
+from ..router.scorers import RERANK_FIRST, RERANK_SURE
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,7 @@ STAGE1_HEAD = RouterHead(max_atoms=3, same_document=True)
 # off-topic questions through (it rates some generic question about any topic highly) and refuses harder
 # answerable ones; the cosine alone keeps its known refusal quality, and the sum separates both better.
 RERANK_GAP = 2.0
-# The reranker reads the stage-1 best 4 first and the other 4 only when none of those scores 2 logits: on the
-# validation splits as good as reading all 8 (gold first and kept), with 4 read for most questions
-# (docs/results.md, "Reading 4 candidates first").
-RERANK_FIRST, RERANK_SURE = 4, 2.0
+# The reranker reads the stage-1 best RERANK_FIRST first, the others only when unsure (RERANK_SURE).
 RERANKED_HEAD = RouterHead(rerank_scale=1.0, max_atoms=3, same_document=True, rerank_gap=RERANK_GAP,
                            rerank_first=RERANK_FIRST, rerank_sure=RERANK_SURE)
 

@@ -15,11 +15,10 @@ from tqdm import tqdm
 from vllm_doc2atom.encoders import QueryEncoder
 from vllm_doc2atom.files import atomic_write_text
 
-from ..compile.study_routing import RERANK_FIRST, RERANK_SURE
 from ..inputs import InputError
 from .examples import RoutingExample, SplitBank, load_examples, load_split
 from .routing_text import routing_text
-from .scorers import BM25Scorer, MiniLMScorer, RerankedScorer, RerankerModel, Scorer
+from .scorers import RERANK_FIRST, RERANK_SURE, BM25Scorer, MiniLMScorer, RerankedScorer, RerankerModel, Scorer
 
 logger = logging.getLogger(__name__)
 

@@ -12,6 +12,11 @@ import numpy as np
 from vllm_doc2atom.encoders import QueryEncoder
 
 Rows = Sequence[int] | None  # the rows to score; None: every row
+# How banks compiled with a reranker are routed (study_routing.RERANKED_HEAD): it reads the stage-1 best 4 of
+# the 8 candidates first, and the other 4 only when none of those scores 2 logits. On the validation splits as
+# good as reading all 8 (gold first and kept), with 4 read for most questions (docs/results.md, "Reading 4
+# candidates first").
+RERANK_FIRST, RERANK_SURE = 4, 2.0
 
 
 class Scorer(Protocol):
